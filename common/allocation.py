@@ -1,0 +1,194 @@
+"""Budget -> trainable entries: TaskEdge's neuron-level allocation and the global top-k ablation.
+
+Neuron level: every output neuron (row) gets its top-k entries by score; what is left of the
+budget goes to the rows whose next-best entry scores highest. Equivalently, entries are taken
+in the total order (rank within row ascending, score descending, module order, row, column),
+which makes allocations nested: the mask for a smaller budget is a prefix, hence a subset, of
+the mask for a larger one. A client with a smaller budget therefore trains a subset of the
+global mask (heterogeneous devices).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Mask:
+    """Trainable entries per module, in the canonical (ascending flat index) order.
+
+    indices[name]: int64 flat indices into weight.reshape(rows, width).
+    ranks[name]: within-row rank of each entry (0 = the row's most important entry).
+    shapes[name]: (rows, width).
+    """
+
+    indices: dict[str, torch.Tensor]
+    ranks: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, int]]
+
+    @property
+    def num_entries(self) -> int:
+        return int(sum(t.numel() for t in self.indices.values()))
+
+    def names(self) -> list[str]:
+        return sorted(self.indices)
+
+    def subset(self, max_rank: int) -> "Mask":
+        """The nested sub-mask of entries with rank < max_rank (heterogeneous budgets)."""
+        idx, rk = {}, {}
+        for n in self.names():
+            keep = self.ranks[n] < max_rank
+            idx[n], rk[n] = self.indices[n][keep], self.ranks[n][keep]
+        return Mask(idx, rk, dict(self.shapes))
+
+    def positions_in(self, other: "Mask") -> dict[str, torch.Tensor]:
+        """Where each of this mask's entries sits in `other`'s value vector (self must be a subset)."""
+        pos = {}
+        for n in self.names():
+            big = other.indices[n]
+            p = torch.searchsorted(big, self.indices[n])
+            if p.numel() and (p.max() >= big.numel() or not torch.equal(big[p], self.indices[n])):
+                raise ValueError(f"mask for '{n}' is not a subset of the reference mask")
+            pos[n] = p
+        return pos
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """Wire / checkpoint form: '<name>.idx', '<name>.rank' int64 and '<name>.shape'."""
+        out = {}
+        for n in self.names():
+            out[f"{n}.idx"] = self.indices[n].numpy().astype(np.int64)
+            out[f"{n}.rank"] = self.ranks[n].numpy().astype(np.int64)
+            out[f"{n}.shape"] = np.array(self.shapes[n], dtype=np.int64)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Mask":
+        idx, rk, shp = {}, {}, {}
+        for key in arrays:
+            if not key.endswith(".idx"):
+                continue
+            n = key[:-4]
+            for part in ("rank", "shape"):
+                if f"{n}.{part}" not in arrays:
+                    raise ValueError(f"mask arrays lack '{n}.{part}'")
+            i = np.asarray(arrays[key])
+            r = np.asarray(arrays[f"{n}.rank"])
+            s = tuple(int(v) for v in np.asarray(arrays[f"{n}.shape"]).reshape(-1))
+            if i.dtype.kind not in "iu" or r.dtype.kind not in "iu" or i.ndim != 1 or i.shape != r.shape or len(s) != 2:
+                raise ValueError(f"mask arrays for '{n}' must be 1-D integer idx/rank of equal length and a (rows, width) shape")
+            if i.size and (i.min() < 0 or i.max() >= s[0] * s[1] or np.any(np.diff(i) <= 0)):
+                raise ValueError(f"mask indices for '{n}' must be strictly increasing within [0, {s[0] * s[1]})")
+            idx[n], rk[n], shp[n] = torch.from_numpy(i.astype(np.int64)), torch.from_numpy(r.astype(np.int64)), s
+        return cls(idx, rk, shp)
+
+
+def budget_entries(budget: float, backbone_params: int, eligible_entries: int) -> int:
+    """Turn a budget (fraction of backbone parameters, or absolute count) into an entry count."""
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f"budget must be > 0 (fraction in (0, 1) or count >= 1), got {budget!r}")
+    count = int(round(budget * backbone_params)) if budget < 1 else int(budget)
+    if budget < 1 and count == 0:
+        raise ValueError(f"budget={budget} of {backbone_params} backbone parameters rounds to 0 entries; raise it")
+    if count > eligible_entries:
+        raise ValueError(f"budget={budget!r} asks for {count} entries but the eligible modules hold only "
+                         f"{eligible_entries}; use a smaller budget or more target modules")
+    return count
+
+
+def allocate(scores: dict[str, torch.Tensor], count: int, mode: str = "neuron") -> Mask:
+    """Pick `count` entries from (rows, width) score matrices (modules in sorted-name order)."""
+    names = sorted(scores)
+    total = sum(scores[n].numel() for n in names)
+    if not 0 < count <= total:
+        raise ValueError(f"count must be in [1, {total}], got {count}")
+    if mode == "neuron":
+        chosen = _neuron_level(scores, names, count)
+    elif mode == "global":
+        chosen = _global_topk(scores, names, count)
+    else:
+        raise ValueError(f"allocation must be 'neuron' or 'global', got {mode!r}")
+    idx, rk, shp = {}, {}, {}
+    for n in names:
+        flat, rank = chosen[n]
+        order = torch.argsort(flat)
+        idx[n], rk[n] = flat[order], rank[order]
+        shp[n] = tuple(scores[n].shape)
+    return Mask(idx, rk, shp)
+
+
+def _neuron_level(scores, names, count):
+    rows_total = sum(scores[n].shape[0] for n in names)
+    depth_guess = count // rows_total + 1
+    depth = {n: min(scores[n].shape[1], depth_guess) for n in names}
+    while True:
+        # Top-`depth` per row, sorted; if leftover budget would need deeper ranks, widen.
+        tops = {n: torch.topk(scores[n].float(), depth[n], dim=1, sorted=True) for n in names}
+        cand_rank, cand_score, cand_mod, cand_row, cand_col = [], [], [], [], []
+        for mi, n in enumerate(names):
+            vals, cols = tops[n]
+            r, d = vals.shape
+            cand_rank.append(torch.arange(d).repeat(r))
+            cand_score.append(vals.reshape(-1))
+            cand_mod.append(torch.full((r * d,), mi))
+            cand_row.append(torch.arange(r).repeat_interleave(d))
+            cand_col.append(cols.reshape(-1))
+        rank, score = torch.cat(cand_rank), torch.cat(cand_score)
+        mod, row, col = torch.cat(cand_mod), torch.cat(cand_row), torch.cat(cand_col)
+        if rank.numel() >= count or all(depth[n] == scores[n].shape[1] for n in names):
+            covered = _covered(rank, depth, names, mod, scores)
+            if covered >= count:
+                break
+        depth = {n: min(scores[n].shape[1], depth[n] * 2) for n in names}
+    # Total order: rank asc, score desc, then module, row, column (np.lexsort: last key is primary).
+    order = np.lexsort((col.numpy(), row.numpy(), mod.numpy(), -score.double().numpy(), rank.numpy()))
+    take = torch.from_numpy(order[:count])
+    out = {}
+    for mi, n in enumerate(names):
+        sel = take[mod[take] == mi]
+        out[n] = (row[sel] * scores[n].shape[1] + col[sel], rank[sel])
+    return out
+
+
+def _covered(rank, depth, names, mod, scores):
+    """Entries guaranteed correct in the order: all ranks below the smallest unsaturated depth."""
+    unsat = [depth[n] for n in names if depth[n] < scores[n].shape[1]]
+    if not unsat:
+        return rank.numel()
+    return int((rank < min(unsat)).sum())
+
+
+def _global_topk(scores, names, count):
+    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
+    mod = torch.cat([torch.full((scores[n].numel(),), i) for i, n in enumerate(names)])
+    offs = torch.cat([torch.arange(scores[n].numel()) for n in names])
+    top = torch.topk(flat, count, sorted=True).indices
+    out = {}
+    for mi, n in enumerate(names):
+        sel = top[mod[top] == mi]
+        flat_idx = offs[sel]
+        width = scores[n].shape[1]
+        # within-row rank among the chosen entries (by score) keeps Mask.subset meaningful
+        rows = flat_idx // width
+        ranks = torch.zeros_like(flat_idx)
+        if flat_idx.numel():
+            order = np.lexsort((-flat[sel].double().numpy(), rows.numpy()))
+            sorted_rows = rows[order]
+            first = torch.ones_like(sorted_rows, dtype=torch.bool)
+            first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+            start = torch.cummax(torch.where(first, torch.arange(len(order)), torch.zeros_like(sorted_rows)), 0).values
+            ranks[torch.from_numpy(order)] = torch.arange(len(order)) - start
+        out[n] = (flat_idx, ranks)
+    return out
+
+
+def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Bool (rows, width) mask keeping the N highest scores in each group of M consecutive inputs."""
+    rows, width = scores.shape
+    if width % m:
+        raise ValueError(f"N:M sparsity needs the input width ({width}) to be a multiple of M={m}")
+    groups = scores.reshape(rows, width // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return keep.reshape(rows, width)

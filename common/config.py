@@ -1,0 +1,66 @@
+"""TaskEdge configuration: one validated dataclass, shared by the centralised and federated paths."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SCORES = ("taskedge", "magnitude", "activation", "random")
+ALLOCATIONS = ("neuron", "global")
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+CONV_GRADS = ("auto", "sparse", "dense")
+
+
+@dataclass
+class TaskEdgeConfig:
+    """What to train and how to pick it.
+
+    budget: fraction of the backbone's parameters (0 < budget < 1, default 0.1 %) or an
+        absolute number of trainable entries (an integer >= 1).
+    score: importance used for ranking; "taskedge" is |W| * ||X_j||, the rest are ablations.
+    allocation: "neuron" spreads the budget as k entries per output neuron; "global" is
+        the ablation that takes the top entries over the whole network.
+    target_modules: regular expressions (full match) on module names; None means every
+        nn.Linear / nn.Conv2d of the backbone except the classifier head.
+    exclude_modules: regular expressions removed from the targets.
+    head: module name of the classifier head (trained densely); None = detect from timm.
+    nm: (N, M) semi-structured sparsity of the merged weight, e.g. (2, 4); None = off.
+    save_dtype: precision of the input columns kept for the backward pass.
+    conv_grad: how conv value gradients are computed ("sparse" offset sums, "dense"
+        weight gradient then gather, "auto" = dense for depthwise convs).
+    seed: seed for the "random" score.
+    """
+
+    budget: float = 0.001
+    score: str = "taskedge"
+    allocation: str = "neuron"
+    target_modules: list[str] | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+    head: str | None = None
+    nm: tuple[int, int] | None = None
+    save_dtype: str = "float32"
+    conv_grad: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ValueError(f"budget must be a number (fraction in (0, 1) or count >= 1), got {self.budget!r}")
+        if not self.budget > 0:
+            raise ValueError(f"budget must be > 0 (fraction in (0, 1) or count >= 1), got {self.budget!r}")
+        if self.budget >= 1 and float(self.budget) != int(self.budget):
+            raise ValueError(f"budget >= 1 is an entry count and must be an integer, got {self.budget!r}")
+        _choice("score", self.score, SCORES)
+        _choice("allocation", self.allocation, ALLOCATIONS)
+        _choice("save_dtype", self.save_dtype, SAVE_DTYPES)
+        _choice("conv_grad", self.conv_grad, CONV_GRADS)
+        if self.nm is not None:
+            n, m = tuple(self.nm)
+            if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+                raise ValueError(f"nm must be (N, M) integers with 0 < N < M, e.g. (2, 4); got {self.nm!r}")
+            self.nm = (n, m)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

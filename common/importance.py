@@ -1,0 +1,51 @@
+"""Per-entry importance scores: TaskEdge's |W| * ||X_j|| and the ablations.
+
+Every score is returned as a (rows, width) matrix over the module's weight viewed as
+`weight.reshape(out, -1)`: Linear (out, in); Conv2d (out, in/groups * kh * kw), the order of
+`weight.flatten(1)`. Ranking and allocation only ever see this 2-D view.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import SCORES
+
+
+def row_norms(module: nn.Module, norm: torch.Tensor) -> torch.Tensor:
+    """Broadcast per-feature activation norms to the (rows, width) view of the weight.
+
+    Conv2d weight W[o, c', u, v] of group g = o // (out / groups) reads input channel
+    g * (in / groups) + c' at kernel offset (u, v).
+    """
+    if isinstance(module, nn.Linear):
+        if norm.shape != (module.in_features,):
+            raise ValueError(f"norm has shape {tuple(norm.shape)}, expected ({module.in_features},)")
+        return norm.reshape(1, -1).expand(module.out_features, -1)
+    if isinstance(module, nn.Conv2d):
+        expected = (module.in_channels, *module.kernel_size)
+        if tuple(norm.shape) != expected:
+            raise ValueError(f"norm has shape {tuple(norm.shape)}, expected {expected}")
+        g = module.groups
+        per_group = norm.reshape(g, -1)  # (groups, in/groups * kh * kw)
+        return per_group.repeat_interleave(module.out_channels // g, dim=0)
+    raise TypeError(f"importance supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
+
+
+def importance(module: nn.Module, norm: torch.Tensor | None, method: str = "taskedge",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Score matrix (rows, width), float32. `norm` may be None only for magnitude / random."""
+    if method not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}; got {method!r}")
+    w = module.weight.detach().float()
+    w2 = w.reshape(w.shape[0], -1).abs()
+    if method == "magnitude":
+        return w2.clone()
+    if method == "random":
+        return torch.rand(w2.shape, generator=generator)
+    if norm is None:
+        raise ValueError(f"score={method!r} needs activation statistics (run calibration batches first)")
+    act = row_norms(module, norm.float().to(w2.device))
+    if method == "activation":
+        return act.contiguous().clone()
+    return w2 * act

@@ -1,0 +1,141 @@
+"""Streaming input-activation statistics (Wanda's per-feature norm), summable across devices.
+
+For every eligible module we keep the sum over all rows (tokens / spatial positions) of the
+square of each input feature, and the row count. Nothing else is stored: activations are
+reduced inside the forward hook. Sums (not means) travel between clients, so the pooled
+statistic of a federation is the plain sum of the clients' statistics.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureStats:
+    """Sum of squares per input feature of one Linear / Conv2d, plus the number of rows.
+
+    Linear: ss has shape (in_features,). Conv2d: ss has shape (in_channels, kh, kw): entry
+    (c, u, v) is the squared norm of the unfolded input feature that weight W[:, c', u, v]
+    multiplies (exact, computed from shifted strided views, never unfolding).
+    """
+
+    def __init__(self, module: nn.Module):
+        if isinstance(module, nn.Linear):
+            shape: tuple[int, ...] = (module.in_features,)
+        elif isinstance(module, nn.Conv2d):
+            shape = (module.in_channels, *module.kernel_size)
+        else:
+            raise TypeError(f"FeatureStats supports nn.Linear and nn.Conv2d, got {type(module).__name__}")
+        self.module = module
+        self.ss = torch.zeros(shape, dtype=torch.float64)
+        self.n = 0
+
+    @torch.no_grad()
+    def add_batch(self, x: torch.Tensor) -> None:
+        if isinstance(self.module, nn.Linear):
+            x2 = x.detach().reshape(-1, x.shape[-1]).double()  # float64 sums: pooled == central
+            self.ss += x2.pow(2).sum(0).cpu()
+            self.n += x2.shape[0]
+            return
+        m = self.module
+        x = x.detach().float()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        xp = F.pad(x, m._reversed_padding_repeated_twice).pow_(2) if any(m._reversed_padding_repeated_twice) else x.pow(2)
+        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+        ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+        wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        out = torch.empty(m.in_channels, kh, kw, dtype=torch.float64)
+        for u in range(kh):
+            for v in range(kw):
+                view = xp[:, :, u * dh: u * dh + sh * (ho - 1) + 1: sh, v * dw: v * dw + sw * (wo - 1) + 1: sw]
+                out[:, u, v] = view.sum((0, 2, 3)).double().cpu()
+        self.ss += out
+        self.n += xp.shape[0] * ho * wo
+
+    def norm(self) -> torch.Tensor:
+        """Per-feature L2 norm normalised by rows, sqrt(ss / n) (float32)."""
+        if self.n == 0:
+            raise RuntimeError("no calibration data was seen by this module; run batches through the model first")
+        return (self.ss / self.n).sqrt().float()
+
+
+class StatsCollector:
+    """Forward pre-hooks on named modules that feed FeatureStats; use as a context manager."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.stats = {name: FeatureStats(mod) for name, mod in modules.items()}
+        self._handles = []
+        for name, mod in modules.items():
+            st = self.stats[name]
+            self._handles.append(mod.register_forward_pre_hook(lambda _m, args, st=st: st.add_batch(args[0])))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "StatsCollector":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def state(self) -> dict[str, np.ndarray]:
+        return stats_to_arrays(self.stats)
+
+
+def collect_stats(model: nn.Module, modules: dict[str, nn.Module], batches: Iterable) -> dict[str, FeatureStats]:
+    """Run calibration batches (tensors or (x, y) pairs) through the model under no_grad."""
+    was_training = model.training
+    model.eval()
+    with StatsCollector(modules) as col, torch.no_grad():
+        for batch in batches:
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            model(x)
+    model.train(was_training)
+    return col.stats
+
+
+def stats_to_arrays(stats: dict[str, FeatureStats]) -> dict[str, np.ndarray]:
+    """Flat wire form: '<name>.ss' float64 arrays and '<name>.n' int64 scalars-as-arrays."""
+    out: dict[str, np.ndarray] = {}
+    for name in sorted(stats):
+        out[f"{name}.ss"] = stats[name].ss.numpy().copy()
+        out[f"{name}.n"] = np.array([stats[name].n], dtype=np.int64)
+    return out
+
+
+def sum_stats(arrays: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Pool statistics from several devices: element-wise sums of ss and n (same keys required)."""
+    total: dict[str, np.ndarray] | None = None
+    for i, arr in enumerate(arrays):
+        if total is None:
+            total = {k: np.array(v, copy=True) for k, v in arr.items()}
+            continue
+        if set(arr) != set(total):
+            raise ValueError(f"statistics #{i} has keys {sorted(set(arr) ^ set(total))[:5]} that the others lack")
+        for k, v in arr.items():
+            if np.shape(v) != total[k].shape:
+                raise ValueError(f"statistics #{i}: '{k}' has shape {np.shape(v)}, expected {total[k].shape}")
+            total[k] = total[k] + v
+    if total is None:
+        raise ValueError("sum_stats needs at least one set of statistics")
+    return total
+
+
+def arrays_to_norms(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """sqrt(ss / n) per module from the wire form."""
+    norms = {}
+    for key in arrays:
+        if key.endswith(".ss"):
+            name = key[:-3]
+            n = int(np.asarray(arrays[f"{name}.n"]).reshape(-1)[0])
+            if n <= 0:
+                raise ValueError(f"statistics for '{name}' have row count {n}; expected > 0")
+            norms[name] = torch.from_numpy(np.sqrt(arrays[key] / n)).float()
+    return norms

@@ -1,0 +1,258 @@
+"""The TaskEdge injector: find target modules, score, allocate, swap in sparse-delta layers.
+
+    model = create_model(...)
+    mask = build_mask(model, cfg, collect_norms(model, cfg, calib_batches))
+    apply_mask(model, mask, cfg)      # in place; only `values` and the head train
+    ... train ...
+    plain = merge_and_unload(model)   # ordinary nn.Module with the deltas folded in
+"""
+from __future__ import annotations
+
+import copy
+import re
+from collections import OrderedDict
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .allocation import Mask, allocate, budget_entries, nm_keep
+from .config import TaskEdgeConfig
+from .importance import importance
+from .layers import SparseDeltaConv2d, SparseDeltaLayer, SparseDeltaLinear
+from .stats import collect_stats
+
+SUPPORTED = (nn.Linear, nn.Conv2d)
+
+
+def find_head(model: nn.Module, head: str | None = None) -> str | None:
+    """Name of the classifier head: explicit, timm's pretrained_cfg['classifier'], or the last Linear."""
+    names = dict(model.named_modules())
+    if head is not None:
+        if head in ("", "none"):
+            return None
+        if head not in names:
+            raise ValueError(f"head={head!r} is not a module of the model; e.g. one of {list(names)[-3:]}")
+        return head
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    cls = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if isinstance(cls, str) and cls in names:
+        return cls
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def target_modules(model: nn.Module, config: TaskEdgeConfig) -> dict[str, nn.Module]:
+    """Modules that get a sparse delta, in sorted-name order (the canonical wire order)."""
+    head = find_head(model, config.head)
+    out = {}
+    for name, mod in model.named_modules():
+        if not name or _under(name, head) or isinstance(mod, SparseDeltaLayer):
+            continue
+        if config.target_modules is None:
+            if isinstance(mod, SUPPORTED):
+                out[name] = mod
+            continue
+        if any(re.fullmatch(p, name) for p in config.target_modules):
+            if not isinstance(mod, SUPPORTED):
+                raise TypeError(f"target_modules matched '{name}' of type {type(mod).__name__}; "
+                                f"supported types are nn.Linear and nn.Conv2d")
+            out[name] = mod
+    out = {n: m for n, m in out.items() if not any(re.fullmatch(p, n) for p in config.exclude_modules)}
+    if not out:
+        raise ValueError(f"target_modules={config.target_modules!r} (exclude {config.exclude_modules!r}) "
+                         f"matched no nn.Linear / nn.Conv2d outside the head")
+    return dict(sorted(out.items()))
+
+
+def backbone_parameters(model: nn.Module, head: str | None) -> int:
+    """Parameters of the pre-trained backbone (everything but the head), counting wrapped bases once."""
+    total = 0
+    for name, p in model.named_parameters():
+        mod_name = name.rsplit(".", 1)[0]
+        if _under(mod_name, head) or name.endswith(".values") and isinstance(
+                model.get_submodule(mod_name), SparseDeltaLayer):
+            continue
+        total += p.numel()
+    return total
+
+
+def collect_norms(model: nn.Module, config: TaskEdgeConfig, batches: Iterable) -> dict[str, torch.Tensor]:
+    """Calibration pass: per-feature activation norms for every target module."""
+    stats = collect_stats(model, target_modules(model, config), batches)
+    return {n: s.norm() for n, s in stats.items()}
+
+
+def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(config.seed)
+    scores = {}
+    for name, mod in target_modules(model, config).items():
+        norm = None if norms is None else norms.get(name)
+        if norm is None and config.score in ("taskedge", "activation"):
+            raise ValueError(f"no activation statistics for module '{name}' (score={config.score!r} needs them)")
+        scores[name] = importance(mod, norm, config.score, gen)
+    return scores
+
+
+def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None) -> Mask:
+    """Scores -> neuron-level (or global) mask of exactly the budgeted number of entries."""
+    scores = score_modules(model, config, norms)
+    if config.nm is not None:
+        n, m = config.nm
+        scores = {k: s.masked_fill(~nm_keep(s, n, m), float("-inf")) for k, s in scores.items()}
+    count = budget_entries(config.budget, backbone_parameters(model, find_head(model, config.head)),
+                           sum(s.numel() for s in scores.values()))
+    mask = allocate(scores, count, config.allocation)
+    if config.nm is not None:
+        for name in mask.names():
+            if torch.isinf(scores[name].reshape(-1)[mask.indices[name]]).any():
+                raise ValueError(f"budget {config.budget!r} exceeds the entries that N:M={config.nm} keeps in '{name}'")
+    return mask
+
+
+def apply_nm(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None) -> None:
+    """Prune the frozen base weights to N:M along the input by the same score (in place)."""
+    if config.nm is None:
+        return
+    n, m = config.nm
+    scores = score_modules(model, config, norms)
+    for name, mod in target_modules(model, config).items():
+        keep = nm_keep(scores[name], n, m).reshape(mod.weight.shape)
+        with torch.no_grad():
+            mod.weight.mul_(keep.to(mod.weight.dtype))
+
+
+def apply_mask(model: nn.Module, mask: Mask, config: TaskEdgeConfig | None = None) -> nn.Module:
+    """Swap every masked module for its sparse-delta wrapper and freeze all but values + head.
+
+    Everything is validated before the first module is touched, so a bad mask leaves the model as it was.
+    """
+    config = config or TaskEdgeConfig()
+    modules = dict(model.named_modules())
+    plan = []
+    for name in mask.names():
+        mod = modules.get(name)
+        if mod is None:
+            raise ValueError(f"mask names module '{name}', which the model does not have")
+        if not isinstance(mod, SUPPORTED):
+            raise TypeError(f"mask names '{name}' of type {type(mod).__name__}; supported: nn.Linear, nn.Conv2d")
+        shape = (mod.weight.shape[0], mod.weight[0].numel())
+        if tuple(mask.shapes[name]) != shape:
+            raise ValueError(f"mask for '{name}' is for a {tuple(mask.shapes[name])} weight, the model has {shape}")
+        plan.append((name, mod))
+    head = find_head(model, config.head)
+    wrapped = {}
+    for name, mod in plan:
+        if isinstance(mod, nn.Linear):
+            wrapped[name] = SparseDeltaLinear(mod, mask.indices[name], config.save_dtype)
+        else:
+            dense = config.conv_grad == "dense" or (config.conv_grad == "auto" and mod.groups == mod.in_channels > 1)
+            wrapped[name] = SparseDeltaConv2d(mod, mask.indices[name], config.save_dtype, dense)
+    for name, new in wrapped.items():
+        _set_module(model, name, new)
+    mark_trainable(model, head)
+    return model
+
+
+def mark_trainable(model: nn.Module, head: str | None) -> None:
+    for name, p in model.named_parameters():
+        mod_name = name.rsplit(".", 1)[0] if "." in name else ""
+        p.requires_grad_(name.endswith(".values") and isinstance(model.get_submodule(mod_name), SparseDeltaLayer)
+                         or _under(mod_name, head))
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def delta_layers(model: nn.Module) -> dict[str, SparseDeltaLayer]:
+    return dict(sorted((n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLayer)))
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """A plain copy of the model: every sparse-delta layer replaced by its merged base layer."""
+    plain = copy.deepcopy(model)
+    for name, layer in delta_layers(plain).items():
+        _set_module(plain, name, layer.merge())
+    for p in plain.parameters():
+        p.requires_grad_(True)
+    return plain
+
+
+def get_taskedge_model(model: nn.Module, config: TaskEdgeConfig, calib_batches: Iterable) -> tuple[nn.Module, Mask]:
+    """One call for the centralised path: calibrate, (N:M prune), allocate, wrap."""
+    norms = collect_norms(model, config, calib_batches) if config.score in ("taskedge", "activation") or config.nm else None
+    mask = build_mask(model, config, norms)
+    apply_nm(model, config, norms)
+    return apply_mask(model, mask, config), mask
+
+
+# --- wire format -----------------------------------------------------------------------------
+
+def extract(model: nn.Module, indices: bool = True, head: str | None | bool = True) -> "OrderedDict[str, np.ndarray]":
+    """Flat arrays in a stable order: '<module>.idx' (int64, optional), '<module>.values' (float32),
+    then the head's state-dict entries. This is what travels between client and server."""
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    for name, layer in delta_layers(model).items():
+        if indices:
+            out[f"{name}.idx"] = layer.flat_idx.cpu().numpy().astype(np.int64)
+        out[f"{name}.values"] = layer.values.detach().cpu().float().numpy()
+    if head is not False:
+        hname = find_head(model, None if head is True else head)
+        if hname is not None:
+            for k, v in model.get_submodule(hname).state_dict().items():
+                out[f"{hname}.{k}"] = v.detach().cpu().numpy()
+    return out
+
+
+def load(model: nn.Module, arrays: dict[str, np.ndarray], head: str | None | bool = True) -> None:
+    """Inverse of `extract`. Validates every array (names, shapes, dtypes, indices) before writing any."""
+    layers = delta_layers(model)
+    hname = find_head(model, None if head is True else head) if head is not False else None
+    head_sd = model.get_submodule(hname).state_dict() if hname else {}
+    writes = []
+    for key, arr in arrays.items():
+        arr = np.asarray(arr)
+        mod, _, leaf = key.rpartition(".")
+        if mod in layers and leaf == "values":
+            layer = layers[mod]
+            if arr.shape != tuple(layer.values.shape) or arr.dtype.kind != "f":
+                raise ValueError(f"'{key}': expected float array of shape {tuple(layer.values.shape)}, "
+                                 f"got {arr.dtype} {arr.shape}")
+            writes.append((layer.values, arr))
+        elif mod in layers and leaf == "idx":
+            if arr.shape != tuple(layers[mod].flat_idx.shape) or not np.array_equal(arr, layers[mod].flat_idx.cpu().numpy()):
+                raise ValueError(f"'{key}': indices differ from the model's mask; apply the new mask first")
+        elif hname and key.startswith(hname + ".") and key[len(hname) + 1:] in head_sd:
+            ref = head_sd[key[len(hname) + 1:]]
+            if arr.shape != tuple(ref.shape) or arr.dtype.kind != "f":
+                raise ValueError(f"'{key}': expected float array of shape {tuple(ref.shape)}, got {arr.dtype} {arr.shape}")
+            writes.append((ref, arr))
+        else:
+            raise ValueError(f"unknown key '{key}': expected '<module>.values' / '<module>.idx' of a sparse-delta "
+                             f"layer or a head entry '{hname}.*'")
+    with torch.no_grad():
+        for tensor, arr in writes:
+            tensor.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(tensor.dtype))
+
+
+def count_trainable(model: nn.Module, head: str | None = None) -> dict[str, int]:
+    """Trainable entries split into sparse deltas and head, and the backbone size they are measured against."""
+    hname = find_head(model, head)
+    deltas = sum(layer.values.numel() for layer in delta_layers(model).values())
+    head_n = sum(p.numel() for p in model.get_submodule(hname).parameters()) if hname else 0
+    return {"delta": deltas, "head": head_n, "backbone": backbone_parameters(model, hname)}
+
+
+def print_trainable_parameters(model: nn.Module, head: str | None = None) -> str:
+    c = count_trainable(model, head)
+    line = (f"trainable delta entries: {c['delta']:,} ({100 * c['delta'] / c['backbone']:.4f}% of "
+            f"{c['backbone']:,} backbone params) || dense head: {c['head']:,}")
+    print(line)
+    return line
