@@ -17,7 +17,7 @@ setup: $(STAMP)
 
 ## Main job: the federated simulation (`flwr run .`) on the embedded offline default.
 run: $(STAMP)
-	$(BIN)/python -m simulations.run_flwr
+	VENV_BIN=$(CURDIR)/$(BIN) bash simulations/run_flwr.sh
 
 ## Centralised TaskEdge fine-tuning on the embedded default (no Flower).
 finetune: $(STAMP)

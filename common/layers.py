@@ -72,7 +72,7 @@ class SparseDeltaLinear(SparseDeltaLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
-        return SparseDeltaLinearFn.apply(x, self.values, b.weight, b.bias, self.rows, self.cols,
+        return SparseDeltaLinearFn.apply(x, self.values, b.weight, b.bias, self.flat_idx, self.rows,
                                          self.ucols, self.inv, self.save_dtype)
 
 
@@ -93,9 +93,13 @@ class SparseDeltaConv2d(SparseDeltaLayer):
         self.register_buffer("inv_ch", inv_ch, persistent=False)
         self.dense_grad = dense_grad
         self.pad = tuple(base._reversed_padding_repeated_twice)
+        # entry e belongs to output channel e (one entry per channel): the value gradient can use
+        # dY as it is instead of gathering its channels
+        self.o_ident = bool(o.numel() == out_c and torch.equal(o, torch.arange(out_c, device=o.device)))
+        self._index_cache: dict = {}  # gather indices of the value gradient, per input shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
         geom = (self.pad, b.stride, b.dilation, b.groups, self.uch, self.inv_ch, self.ent_o, self.ent_uv)
         return SparseDeltaConv2dFn.apply(x, self.values, b.weight, b.bias, self.flat_idx, geom,
-                                         self.save_dtype, self.dense_grad)
+                                         self.save_dtype, self.dense_grad, self.o_ident, self._index_cache)

@@ -1,0 +1,1 @@
+"""Flower ClientApp of TaskEdge-FL: statistics query, sparse training and evaluation handlers."""

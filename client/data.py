@@ -1,0 +1,83 @@
+"""A client's local data: its partition (simulation) or its own folder (deployment).
+
+Simulation partitions the task's training split with a flwr-datasets partitioner (IID or
+Dirichlet label skew), exactly as a Flower example would with a hub dataset, but over the
+offline embedded task (`partitioner.dataset = hf_dataset`). Each partition is then split into
+local train / test, and the first `calib-size` local training samples are the calibration
+batches of the statistics round (a device calibrates on its own data).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from common.data import get_task, load_image_folder, make_split, to_hf_dataset
+
+
+@dataclass
+class LocalData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    calib_size: int
+
+    @property
+    def x_calib(self) -> torch.Tensor:
+        return self.x_train[: self.calib_size]
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, ...]:
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(len(x) * test_fraction))
+    te, tr = order[:n_test], order[n_test:]
+    return x[tr], y[tr], x[te], y[te]
+
+
+def _partitioner(kind: str, num_partitions: int, alpha: float, seed: int):
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if kind == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=alpha,
+                                min_partition_size=10, self_balancing=True, seed=seed)
+
+
+@lru_cache(maxsize=4)
+def _partitioned(task: str, kind: str, num_partitions: int, alpha: float, seed: int):
+    """One partitioner per federation setting, cached per process (Ray actors serve many nodes)."""
+    x, y = make_split(task, "train")  # the data itself is fixed; `seed` only moves the partitioning
+    part = _partitioner(kind, num_partitions, alpha, seed)
+    part.dataset = to_hf_dataset(x, y, list(get_task(task).class_names))
+    return part
+
+
+def partition_labels(task: str, kind: str, num_partitions: int, alpha: float, seed: int) -> list[list[int]]:
+    """Labels of every partition (for tests and reports of the label skew)."""
+    part = _partitioned(task, kind, num_partitions, float(alpha), seed)
+    return [list(part.load_partition(i)["label"]) for i in range(num_partitions)]
+
+
+def load_local_data(task: str, partition_id: int, num_partitions: int, *, partitioner: str = "dirichlet",
+                    alpha: float = 0.5, seed: int = 0, test_fraction: float = 0.2, calib_size: int = 64,
+                    data_path: str = "") -> LocalData:
+    """The node's data. `data_path` (deployment) wins over the simulated partition."""
+    if data_path:
+        x, y = load_image_folder(data_path, task, "train")
+    else:
+        if not 0 <= partition_id < num_partitions:
+            raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+        from common.data import from_hf_dataset
+
+        ds = _partitioned(task, partitioner, num_partitions, float(alpha), seed).load_partition(partition_id)
+        x, y = from_hf_dataset(ds)
+    x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed * 7919 + partition_id)
+    return LocalData(x_tr, y_tr, x_te, y_te, min(calib_size, len(x_tr)))
+
+
+@lru_cache(maxsize=2)
+def server_test_split(task: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out split for centralised evaluation (disjoint from every client's data)."""
+    return make_split(task, "test", n=n)

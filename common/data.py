@@ -1,0 +1,451 @@
+"""Download-free image tasks: procedurally drawn shapes.
+
+The project must run offline, so the default upstream (pre-training) and
+downstream (fine-tuning) tasks are rendered with numpy from a seed instead of
+being downloaded.  The downstream task is deliberately *shifted* from the
+upstream one (unseen shape classes, dark shapes on bright textured and
+cluttered backgrounds) so that a frozen pre-trained backbone is not enough:
+linear probing stays well below fine-tuning, which is what makes a comparison
+of sparse fine-tuning methods meaningful.
+
+Images are cached as uint8 ``.npz`` arrays (never pickles) under
+``$TASKEDGE_CACHE`` (default ``~/.cache/taskedge-fl``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "TaskSpec",
+    "TASKS",
+    "DEFAULT_TASK",
+    "SPLITS",
+    "cache_dir",
+    "fingerprint",
+    "get_task",
+    "make_split",
+    "normalize",
+    "to_hf_dataset",
+    "from_hf_dataset",
+    "load_image_folder",
+]
+
+DATA_VERSION = 1
+SPLITS = ("train", "calib", "test")
+_CHUNK = 500  # samples per seeded chunk: any ``n`` is a prefix of a larger ``n``
+_SUPERSAMPLE = 2  # render at 2x and average-pool, for anti-aliased edges
+
+# --------------------------------------------------------------------------
+# Shapes: boolean masks over local coordinates (u, v) in about [-1, 1],
+# v pointing down.  Keep each one tiny and readable.
+# --------------------------------------------------------------------------
+Mask = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def _polar(u, v):
+    return np.hypot(u, v), np.arctan2(v, u)
+
+
+def _ngon(u, v, n: int, rot: float = -np.pi / 2):
+    """Regular n-gon with circumradius 1 and a vertex at angle ``rot``."""
+    r, phi = _polar(u, v)
+    sector = 2 * np.pi / n
+    return r * np.cos(np.mod(phi - rot, sector) - sector / 2) <= np.cos(np.pi / n)
+
+
+def _plus(u, v, half_width: float = 0.28):
+    return ((np.abs(u) <= half_width) & (np.abs(v) <= 1)) | (
+        (np.abs(v) <= half_width) & (np.abs(u) <= 1)
+    )
+
+
+def _star(u, v, points: int = 5, inner: float = 0.42):
+    r, phi = _polar(u, v)
+    t = np.mod(phi + np.pi / 2, 2 * np.pi / points) / (2 * np.pi / points)
+    return r <= inner + (1 - inner) * np.abs(2 * t - 1)
+
+
+def _stripes(u, v):
+    inside = (np.abs(u) <= 0.9) & (np.abs(v) <= 0.9)
+    return inside & (np.floor((v + 0.9) / 0.36) % 2 == 0)
+
+
+def _hourglass(u, v):
+    return (np.abs(u) <= np.abs(v) * 0.95 + 0.08) & (np.abs(v) <= 0.9)
+
+
+def _arrow(u, v):
+    shaft = (np.abs(v) <= 0.2) & (u >= -1) & (u <= 0.2)
+    head = (u >= 0.1) & (u <= 1) & (np.abs(v) <= (1 - u) * 0.85)
+    return shaft | head
+
+
+def _dots(u, v):
+    centres = ((-0.55, 0.45), (0.55, 0.45), (0.0, -0.5))
+    return np.any([np.hypot(u - a, v - b) <= 0.32 for a, b in centres], axis=0)
+
+
+SHAPES: dict[str, Mask] = {
+    # upstream vocabulary
+    "circle": lambda u, v: np.hypot(u, v) <= 0.95,
+    "square": lambda u, v: np.maximum(np.abs(u), np.abs(v)) <= 0.78,
+    "triangle": lambda u, v: _ngon(u, v, 3),
+    "plus": _plus,
+    "ring": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u, v) >= 0.5),
+    "star": _star,
+    "stripes": _stripes,
+    "diamond": lambda u, v: np.abs(u) + np.abs(v) <= 1,
+    "frame": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.85)
+    & (np.maximum(np.abs(u), np.abs(v)) >= 0.5),
+    "half-disk": lambda u, v: (np.hypot(u, v - 0.4) <= 1) & (v <= 0.4),
+    # downstream-only vocabulary
+    "hexagon": lambda u, v: _ngon(u, v, 6, rot=0.0),
+    "ellipse": lambda u, v: (u / 1.0) ** 2 + (v / 0.55) ** 2 <= 1,
+    "x-cross": lambda u, v: _plus((u + v) / np.sqrt(2), (u - v) / np.sqrt(2), 0.25),
+    "hourglass": _hourglass,
+    "arrow": _arrow,
+    "l-shape": lambda u, v: (np.maximum(np.abs(u), np.abs(v)) <= 0.8) & ((u <= -0.3) | (v >= 0.3)),
+    "t-shape": lambda u, v: ((np.abs(u) <= 0.9) & (v >= -0.9) & (v <= -0.45))
+    | ((np.abs(u) <= 0.22) & (np.abs(v) <= 0.9)),
+    "crescent": lambda u, v: (np.hypot(u, v) <= 0.95) & (np.hypot(u - 0.4, v) > 0.75),
+    "triangle-outline": lambda u, v: _ngon(u, v, 3) & ~_ngon(u / 0.5, v / 0.5, 3),
+    "dots": _dots,
+}
+
+
+# --------------------------------------------------------------------------
+# Task specs
+# --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything that determines a generated task; its repr keys the cache."""
+
+    name: str
+    num_classes: int
+    image_size: int
+    class_names: tuple[str, ...]
+    background: str = "plain"  # "plain" | "texture"
+    polarity: str = "light-on-dark"  # "light-on-dark" | "dark-on-light"
+    clutter: int = 0  # distractor strokes behind the shape
+    texture_strength: float = 0.2  # amplitude of each background colour grating
+    max_rotation: float = 20.0  # degrees; small, so plus/x-cross stay distinct
+    scale_range: tuple[float, float] = (0.2, 0.32)  # shape radius / image size
+    noise: float = 0.03  # pixel noise std (images in [0, 1])
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    train_size: int = 2000
+    calib_size: int = 256
+    test_size: int = 1000
+    description: str = ""
+
+    def __post_init__(self):
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{self.name}: {self.num_classes} classes but {len(self.class_names)} names")
+        unknown = [c for c in self.class_names if c not in SHAPES]
+        if unknown:
+            raise ValueError(f"{self.name}: unknown shapes {unknown}; known: {sorted(SHAPES)}")
+
+    def split_size(self, split: str) -> int:
+        return {"train": self.train_size, "calib": self.calib_size, "test": self.test_size}[split]
+
+
+_UPSTREAM_SHAPES = ("circle", "square", "triangle", "plus", "ring", "star", "stripes", "diamond", "frame", "half-disk")
+_DOWNSTREAM_SHAPES = (
+    "hexagon", "ellipse", "x-cross", "hourglass", "arrow", "l-shape", "t-shape", "crescent", "triangle-outline", "dots",
+)
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            name="shapes-upstream",
+            num_classes=len(_UPSTREAM_SHAPES),
+            image_size=32,
+            class_names=_UPSTREAM_SHAPES,
+            train_size=12000,
+            calib_size=500,
+            test_size=1000,
+            description="pre-training task: 10 light shapes on plain dark backgrounds",
+        ),
+        TaskSpec(
+            name="shapes-downstream",
+            num_classes=len(_DOWNSTREAM_SHAPES),
+            image_size=32,
+            class_names=_DOWNSTREAM_SHAPES,
+            background="texture",
+            polarity="dark-on-light",
+            clutter=2,
+            scale_range=(0.24, 0.36),
+            noise=0.05,
+            train_size=3000,
+            description="fine-tuning task: 10 unseen dark shapes on light textured, cluttered backgrounds",
+        ),
+    )
+}
+DEFAULT_TASK = "shapes-downstream"
+
+
+def get_task(name: str = DEFAULT_TASK) -> TaskSpec:
+    """Look up a built-in task by name."""
+    try:
+        return TASKS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown task {name!r}; allowed: {sorted(TASKS)}") from None
+
+
+def _as_spec(task: str | TaskSpec) -> TaskSpec:
+    return task if isinstance(task, TaskSpec) else get_task(task)
+
+
+# --------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------
+def _random_hues(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random colours whose brightest channel is 1 (varied hue and saturation)."""
+    c = rng.uniform(0.0, 1.0, (n, 3))
+    return c / c.max(axis=1, keepdims=True)
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Supersampled pixel-centre coordinates, in output-pixel units."""
+    g = ((np.arange(size * _SUPERSAMPLE) + 0.5) / _SUPERSAMPLE).astype(np.float32)
+    return g[None, None, :], g[None, :, None]
+
+
+def _pool(mask: np.ndarray, size: int) -> np.ndarray:
+    n = mask.shape[0]
+    return mask.reshape(n, size, _SUPERSAMPLE, size, _SUPERSAMPLE).mean(axis=(2, 4), dtype=np.float32)
+
+
+def _shape_masks(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """Soft (anti-aliased) masks of one randomly placed, scaled, rotated shape per image."""
+    n, size = len(labels), spec.image_size
+    X, Y = _grid(size)
+    cx, cy = (rng.uniform(0.32, 0.68, (2, n)) * size).astype(np.float32)[:, :, None, None]
+    radius = (rng.uniform(*spec.scale_range, n) * size).astype(np.float32)[:, None, None]
+    theta = np.deg2rad(rng.uniform(-spec.max_rotation, spec.max_rotation, n)).astype(np.float32)
+    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+    dx, dy = X - cx, Y - cy
+    u, v = (dx * cos + dy * sin) / radius, (-dx * sin + dy * cos) / radius
+    mask = np.zeros(u.shape, dtype=bool)
+    for k, shape in enumerate(spec.class_names):
+        idx = labels == k
+        if idx.any():
+            mask[idx] = SHAPES[shape](u[idx], v[idx])
+    return _pool(mask, size)
+
+
+def _backgrounds(spec: TaskSpec, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Plain dark backgrounds, or light colour gratings (a texture the backbone never saw)."""
+    size = spec.image_size
+    if spec.polarity == "light-on-dark":
+        base = rng.uniform(0.0, 0.3, (n, 3))
+    else:
+        base = rng.uniform(0.55, 0.95, (n, 3))
+    bg = np.broadcast_to(base[:, :, None, None], (n, 3, size, size)).astype(np.float32)
+    if spec.background == "texture":
+        xs = np.arange(size, dtype=np.float32) / size
+        X, Y = xs[None, None, :], xs[None, :, None]
+        for _ in range(2):
+            freq = rng.uniform(1.5, 5.0, n)[:, None, None]
+            ang = rng.uniform(0, np.pi, n)[:, None, None]
+            phase = rng.uniform(0, 2 * np.pi, n)[:, None, None]
+            wave = np.sin(2 * np.pi * freq * (X * np.cos(ang) + Y * np.sin(ang)) + phase)
+            tint = (rng.uniform(-1.0, 1.0, (n, 3)) * spec.texture_strength)[:, :, None, None]
+            bg = bg + tint * wave[:, None].astype(np.float32)
+    return bg
+
+
+def _clutter(spec: TaskSpec, rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
+    """Paint thin random strokes so the shape is not the only foreground."""
+    n, size = img.shape[0], spec.image_size
+    X, Y = _grid(size)
+    for _ in range(spec.clutter):
+        a = rng.uniform(0, size, (2, n)).astype(np.float32)
+        length = rng.uniform(4, 10, n).astype(np.float32)
+        ang = rng.uniform(0, 2 * np.pi, n).astype(np.float32)
+        d = np.stack([np.cos(ang), np.sin(ang)]) * length  # (2, n)
+        ax, ay, ddx, ddy = (t[:, None, None] for t in (*a, *d))
+        t = np.clip(((X - ax) * ddx + (Y - ay) * ddy) / (length**2)[:, None, None], 0, 1)
+        dist = np.hypot(X - ax - t * ddx, Y - ay - t * ddy)
+        m = _pool(dist <= 0.6, size)[:, None]
+        colour = rng.uniform(0, 1, (n, 3, 1, 1)).astype(np.float32)
+        img = img * (1 - m) + colour * m
+    return img
+
+
+def _render(spec: TaskSpec, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``n`` images as uint8 (N, 3, H, W) with class-balanced labels."""
+    labels = rng.permutation(np.arange(n) % spec.num_classes).astype(np.int64)
+    img = _backgrounds(spec, rng, n)
+    img = _clutter(spec, rng, img)
+    fg = _random_hues(rng, n)
+    fg *= rng.uniform(0.75, 1.0, (n, 1)) if spec.polarity == "light-on-dark" else rng.uniform(0.05, 0.35, (n, 1))
+    m = _shape_masks(spec, rng, labels)[:, None]
+    img = img * (1 - m) + fg[:, :, None, None].astype(np.float32) * m
+    img = img + rng.normal(0, spec.noise, img.shape).astype(np.float32)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), labels
+
+
+def _generate(spec: TaskSpec, split: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chunked so that sample i depends only on (task, split, seed, i // chunk)."""
+    task_key = zlib.crc32(spec.name.encode())
+    xs, ys = [], []
+    for chunk in range(0, n, _CHUNK):
+        ss = np.random.SeedSequence([seed, SPLITS.index(split), task_key, chunk // _CHUNK])
+        x, y = _render(spec, np.random.default_rng(ss), _CHUNK)
+        xs.append(x)
+        ys.append(y)
+    return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
+
+
+# --------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where generated data and pre-trained weights live (``$TASKEDGE_CACHE``)."""
+    return Path(os.environ.get("TASKEDGE_CACHE") or Path.home() / ".cache" / "taskedge-fl").expanduser()
+
+
+def fingerprint(spec: TaskSpec) -> str:
+    return hashlib.sha1(f"{DATA_VERSION}:{spec!r}".encode()).hexdigest()[:10]
+
+
+def normalize(images_u8: np.ndarray | torch.Tensor, spec: TaskSpec) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float32, normalised with the task's mean/std."""
+    x = torch.as_tensor(np.asarray(images_u8)).float().div_(255.0)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def make_split(
+    task: str | TaskSpec = DEFAULT_TASK, split: str = "train", n: int | None = None, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic (images, labels) for one split; cached as npz after the first call.
+
+    Splits draw from disjoint seed streams, so train/calib/test never share samples.
+    """
+    spec = _as_spec(task)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; allowed: {list(SPLITS)}")
+    n = spec.split_size(split) if n is None else int(n)
+    if n <= 0 or seed < 0:
+        raise ValueError(f"need n > 0 and seed >= 0, got n={n}, seed={seed}")
+    path = cache_dir() / "data" / f"{spec.name}-{fingerprint(spec)}-{split}-s{seed}-n{n}.npz"
+    if path.exists():
+        with np.load(path, allow_pickle=False) as z:
+            x, y = z["x"], z["y"]
+    else:
+        x, y = _generate(spec, split, n, seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, x=x, y=y)
+        os.replace(tmp, path)  # atomic: concurrent clients never read a partial file
+    return normalize(x, spec), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
+
+
+def to_hf_dataset(x: torch.Tensor, y: torch.Tensor, class_names: list[str] | None = None):
+    """Wrap tensors as a ``datasets.Dataset`` so flwr-datasets partitioners can split them."""
+    import datasets
+
+    x_np = np.ascontiguousarray(torch.as_tensor(x).detach().cpu().numpy(), dtype=np.float32)
+    y_np = torch.as_tensor(y).detach().cpu().numpy().astype(np.int64)
+    if class_names is None:
+        num_classes = int(y_np.max()) + 1 if y_np.size else 1
+        label = datasets.ClassLabel(num_classes=num_classes)
+    else:
+        label = datasets.ClassLabel(names=list(class_names))
+    features = datasets.Features(
+        {"image": datasets.Array3D(shape=tuple(x_np.shape[1:]), dtype="float32"), "label": label}
+    )
+    return datasets.Dataset.from_dict({"image": x_np, "label": y_np}, features=features)
+
+
+def from_hf_dataset(ds, image_column: str = "image", label_column: str = "label"):
+    """Inverse of :func:`to_hf_dataset`: (float32 images, int64 labels)."""
+    import datasets
+
+    if isinstance(ds.features.get(image_column), datasets.Image):
+        raise ValueError("PIL image columns need resizing/normalising: use load_image_folder() instead")
+    arr = ds.with_format("numpy")
+    x = torch.from_numpy(np.asarray(arr[image_column], dtype=np.float32))
+    y = torch.from_numpy(np.asarray(arr[label_column]).astype(np.int64))
+    return x, y
+
+
+_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+
+
+def _pil_to_u8(img, size: int) -> np.ndarray:
+    from PIL import Image
+
+    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _is_hf_saved(path: Path) -> bool:
+    return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _load_hf_saved(path: Path, spec: TaskSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{path}: no split {split!r}; available: {list(ds)}")
+        ds = ds[split]
+    image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
+    label_col = next((c for c in ("label", "labels", "fine_label") if c in ds.column_names), None)
+    if image_col is None or label_col is None:
+        raise ValueError(f"{path}: need an image and a label column, found {ds.column_names}")
+    if isinstance(ds.features[image_col], datasets.Image):
+        u8 = np.stack([_pil_to_u8(im, spec.image_size) for im in ds[image_col]])
+        x = normalize(u8, spec)
+    else:
+        x, _ = from_hf_dataset(ds, image_col, label_col)
+        if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
+            x = torch.nn.functional.interpolate(x, size=(spec.image_size,) * 2, mode="bilinear", align_corners=False)
+    return x, torch.as_tensor(np.asarray(ds[label_col]), dtype=torch.int64)
+
+
+def _load_class_folders(path: Path, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    from PIL import Image
+
+    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
+    images, labels = [], []
+    for k, cls in enumerate(classes):
+        for f in sorted((path / cls).rglob("*")):
+            if f.suffix.lower() in _IMAGE_EXTENSIONS:
+                with Image.open(f) as im:
+                    images.append(_pil_to_u8(im, spec.image_size))
+                labels.append(k)
+    if not images:
+        raise ValueError(f"{path}: expected an ImageFolder layout (one sub-folder of images per class)")
+    return normalize(np.stack(images), spec), torch.tensor(labels, dtype=torch.int64)
+
+
+def load_image_folder(
+    path: str | os.PathLike, task: str | TaskSpec = DEFAULT_TASK, split: str = "train"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bring-your-own data: an ImageFolder tree or a HF ``save_to_disk`` folder.
+
+    Images are resized to the task's image size and normalised like the task,
+    so they can replace the generated data without touching the model.
+    """
+    spec, path = _as_spec(task), Path(path).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {path}")
+    if _is_hf_saved(path):
+        return _load_hf_saved(path, spec, split)
+    return _load_class_folders(path, spec)

@@ -1,0 +1,1 @@
+"""Flower ServerApp of TaskEdge-FL: reconciliation, masked aggregation, checkpoints and results."""

@@ -1,0 +1,87 @@
+"""Reconciliation: from the clients' statistics (or votes) to one global TaskEdge mask.
+
+`stats` (default) is exact: |W| is identical on every client (same pre-trained model) and the
+activation statistic is a sum, so summing the clients' (ss, n) and building the mask on the
+server's own copy of the model gives exactly the mask that pooled calibration data would give.
+
+`vote`: every client sends its local top-k mask; an entry's score is its vote count, ties
+broken by the summed local score |W| * sum_c ||X_j||_c (importance is linear in the norm).
+The allocation (k per row, leftovers by score) is then the usual neuron-level one.
+
+Heterogeneous budgets use the nested property of the allocation: a client with budget rank
+k_c trains `mask.subset(k_c)`, and `packed_positions` says where its entries sit in the
+packed global value vector.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.allocation import Mask, allocate, budget_entries
+from common.config import TaskEdgeConfig
+from common.stats import arrays_to_norms, sum_stats
+from common.tuner import backbone_parameters, build_mask, find_head, score_modules
+
+
+def stats_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]]) -> Mask:
+    """Exact global mask from summed client statistics."""
+    norms = arrays_to_norms(sum_stats(stats)) if stats else None
+    return build_mask(model, tcfg, norms)
+
+
+def vote_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]],
+              votes: Sequence[dict[str, np.ndarray]]) -> Mask:
+    """Per-entry vote count over the clients' local top-k; ties by summed local score."""
+    if not votes:
+        raise ValueError("vote reconciliation needs at least one client's votes")
+    norm_sum: dict[str, torch.Tensor] | None = None
+    if stats:
+        norm_sum = {}
+        for st in stats:
+            for name, norm in arrays_to_norms(st).items():
+                norm_sum[name] = norm_sum[name] + norm if name in norm_sum else norm.clone()
+    summed = score_modules(model, tcfg, norm_sum)
+    top = max(float(s.max()) for s in summed.values())
+    combined = {}
+    for name, s in summed.items():
+        count = np.zeros(s.numel(), dtype=np.float64)
+        for v in votes:
+            count[np.asarray(v[f"{name}.idx"], dtype=np.int64)] += 1.0
+        tie = (s.double() / top * 0.5 if top > 0 else torch.zeros_like(s, dtype=torch.float64)).reshape(-1)
+        combined[name] = (torch.from_numpy(count) + tie).reshape(s.shape)
+    n = budget_entries(tcfg.budget, backbone_parameters(model, find_head(model, tcfg.head)),
+                       sum(s.numel() for s in combined.values()))
+    return allocate(combined, n, tcfg.allocation)
+
+
+def packed_offsets(mask: Mask) -> dict[str, int]:
+    """Start of each module's block in the packed value vector (modules in sorted order)."""
+    offs, pos = {}, 0
+    for n in mask.names():
+        offs[n] = pos
+        pos += int(mask.indices[n].numel())
+    return offs
+
+
+def packed_positions(full: Mask, sub: Mask) -> np.ndarray:
+    """Positions of a nested sub-mask's entries inside the full mask's packed vector."""
+    offs = packed_offsets(full)
+    rel = sub.positions_in(full)
+    parts = [offs[n] + rel[n].numpy() for n in sub.names()]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def carry_values(old: Mask, old_values: np.ndarray, new: Mask) -> np.ndarray:
+    """Packed values for a new mask: surviving entries keep their learned value, new ones start at 0."""
+    out = np.zeros(new.num_entries, dtype=np.float32)
+    old_offs, new_offs = packed_offsets(old), packed_offsets(new)
+    for n in new.names():
+        if n not in old.indices:
+            continue
+        oi, ni = old.indices[n].numpy(), new.indices[n].numpy()
+        common, o_pos, n_pos = np.intersect1d(oi, ni, assume_unique=True, return_indices=True)
+        out[new_offs[n] + n_pos] = old_values[old_offs[n] + o_pos]
+    return out

@@ -1,0 +1,467 @@
+"""Training-step time and memory: frozen floor vs TaskEdge vs LoRA vs full fine-tuning.
+
+One process, one model architecture (re-created from the same seed for every method, random
+init, no downloads), one fixed batch. For each method:
+
+* ``floor``    frozen backbone, backprop to the input only (``x.requires_grad_(True)``, no
+               parameter requires grad): the cost of a backward pass with no weight gradients.
+* ``taskedge`` ``get_taskedge_model`` (budget 0.001, score "taskedge", calibration on
+               ``--calib-batches`` batches) + dense head, AdamW.
+* ``lora``     HF peft LoRA r=8 on exactly the modules TaskEdge wraps + dense head, AdamW.
+* ``full``     every parameter trainable, AdamW.
+
+step_s
+    Median wall time of a whole training step (zero_grad, forward, cross-entropy, backward,
+    optimizer step) over ``--steps`` steps after ``--warmup`` warm-up steps. All methods are
+    set up side by side and their steps interleaved round-robin, so that load from other
+    processes on a shared machine hits every method alike (the memory figures come from a
+    separate, sequential pass, one model alive at a time).
+peak_mb  (tensor memory; what ``mem_ratio`` compares)
+    Accounted tensor footprint of one training step, in MiB:
+        parameters + buffers                      (every storage of the model, once)
+      + tensors saved for backward                (``torch.autograd.graph.saved_tensors_hooks``
+                                                   on one extra, untimed step; de-duplicated by
+                                                   storage ``data_ptr``, counting the whole
+                                                   storage a view keeps alive; storages that are
+                                                   parameters/buffers are not counted again)
+      + gradients                                 (``.grad`` of the trainable parameters and,
+                                                   for the floor, of the input)
+      + optimizer state                           (AdamW exp_avg / exp_avg_sq / step).
+    It is a deterministic, allocator-independent count of what the step must keep alive, not a
+    sampled high-water mark: transient temporaries inside one op (e.g. the gradient buffers of
+    the backward) are not in it. The same rules are applied to every method.
+peak_rss_mb
+    Process peak RSS for reference only. Before each method the kernel's high-water mark is
+    reset (``/proc/self/clear_refs`` = 5, Linux >= 4.0) and ``VmHWM`` read afterwards; where
+    that is impossible it falls back to ``resource.getrusage(...).ru_maxrss``, which is monotone
+    over the process (then only the first method's value is its own). RSS includes the Python
+    interpreter, torch, allocator caching and the input batch.
+step_ratio / mem_ratio
+    ``step_s`` / floor's ``step_s`` and ``peak_mb`` / floor's ``peak_mb``.
+trainable
+    Number of trainable scalars (TaskEdge: delta entries + head).
+
+``importance_pass`` times TaskEdge's calibration statistics pass (``collect_norms``: forward
+pre-hooks that accumulate per-feature squared sums, under no_grad) against a plain no_grad
+forward over the same calibration batches (median of ``--calib-repeats`` runs each).
+
+``--conv-micro`` instead times the value gradient of a depthwise 3x3 conv (MobileNet-style
+shapes) with ``conv_grad`` "sparse" (offset sums over shifted input views) vs "dense" (torch's
+dense weight gradient, then a gather) and writes {"conv_micro": [...]}.
+
+Default model: ``vit_base_patch16_224`` at img_size=64, batch 32, 2 threads (the issue's
+reference prototype). Example:
+
+    python -m simulations.bench_step --json results/bench_vitb_f32.json
+    python -m simulations.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json
+    python -m simulations.bench_step --model mobilenetv3_small_100 --img-size 64
+    python -m simulations.bench_step --conv-micro
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if __package__ in (None, ""):  # `python simulations/bench_step.py` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.config import TaskEdgeConfig  # noqa: E402
+from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
+
+METHODS = ("floor", "taskedge", "lora", "full")
+MIB = 1024 * 1024
+
+
+# --- model / data ----------------------------------------------------------------------------
+
+def make_model(name: str, img_size: int, num_classes: int, seed: int, kwargs: dict | None = None) -> nn.Module:
+    import timm
+
+    kwargs = dict(kwargs or {})
+    torch.manual_seed(seed)
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+    except TypeError:  # CNNs take no img_size
+        torch.manual_seed(seed)
+        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+    return model.float()
+
+
+def make_batches(batch: int, img_size: int, num_classes: int, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, img_size, img_size, generator=gen),
+             torch.randint(0, num_classes, (batch,), generator=gen)) for _ in range(n)]
+
+
+# --- memory accounting -----------------------------------------------------------------------
+
+def _storage(t: torch.Tensor):
+    try:
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None, 0
+
+
+def _model_storages(model: nn.Module) -> dict[int, int]:
+    """Parameters, buffers and tensors cached on modules (SparseDeltaConv2d's gather indices)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    for mod in model.modules():
+        cache = getattr(mod, "_index_cache", None)
+        if isinstance(cache, dict):
+            tensors += [t for v in cache.values() for t in (v if isinstance(v, tuple) else (v,)) if torch.is_tensor(t)]
+    out = {}
+    for t in tensors:
+        ptr, nb = _storage(t)
+        if ptr:
+            out[ptr] = nb
+    return out
+
+
+@contextmanager
+def saved_tensor_meter(exclude: set[int]):
+    """Record the storages of every tensor autograd saves; yields the {data_ptr: nbytes} dict."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr, nb = _storage(t)
+        if ptr and ptr not in exclude:
+            seen[ptr] = max(seen.get(ptr, 0), nb)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield seen
+
+
+def _opt_state_bytes(opt: torch.optim.Optimizer | None) -> int:
+    if opt is None:
+        return 0
+    total, seen = 0, set()
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                ptr, nb = _storage(v)
+                if ptr not in seen:
+                    seen.add(ptr)
+                    total += nb
+    return total
+
+
+def peak_rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb(reset_ok: bool) -> float:
+    if reset_ok:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return ru / (MIB if sys.platform == "darwin" else 1024)
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+def _lora_targets(model: nn.Module, r: int = 8) -> list[str]:
+    """TaskEdge's target modules, minus grouped convs that peft's LoRA rejects (rank % groups != 0,
+    e.g. depthwise convs); those stay frozen under LoRA."""
+    mods = target_modules(model, TaskEdgeConfig())
+    names = [n for n, m in mods.items() if not (isinstance(m, nn.Conv2d) and m.groups > 1 and r % m.groups)]
+    if len(names) < len(mods):
+        print(f"[lora] {len(mods) - len(names)} of {len(mods)} target modules are grouped convs peft cannot "
+              f"adapt at r={r}; LoRA skips them", file=sys.stderr)
+    return names
+
+
+def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optimizer | None, int]:
+    model = make_model(args.model, args.img_size, args.num_classes, args.seed, args.model_kwargs)
+    head = find_head(model)
+    if method == "floor":
+        model.requires_grad_(False)
+    elif method == "taskedge":
+        cfg = TaskEdgeConfig(budget=args.budget, save_dtype=args.save_dtype, conv_grad=args.conv_grad)
+        model, _ = get_taskedge_model(model, cfg, calib)
+    elif method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        names = _lora_targets(model)
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=names, lora_dropout=0.0))
+        for p in model.get_base_model().get_submodule(head).parameters():
+            p.requires_grad_(True)
+    elif method == "full":
+        model.requires_grad_(True)
+    else:
+        raise ValueError(method)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    return model, opt, sum(p.numel() for p in params)
+
+
+def train_step(model, opt, x, y, floor: bool):
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    if floor:
+        x = x.detach().requires_grad_(True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    if opt is not None:
+        opt.step()
+    return x
+
+
+def measure_memory(method: str, args, x, y, calib) -> dict:
+    """Tensor accounting of one training step (after one warm-up step) and the peak RSS."""
+    gc.collect()
+    reset_ok = peak_rss_reset()
+    model, opt, trainable = setup_method(method, args, calib)
+    floor = method == "floor"
+    train_step(model, opt, x, y, floor)  # warm-up: optimizer state exists from here on
+    params = _model_storages(model)
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    xin = x.detach().requires_grad_(True) if floor else x
+    with saved_tensor_meter(set(params)) as saved:
+        loss = F.cross_entropy(model(xin), y)
+    saved_b = sum(saved.values())
+    loss.backward()
+    if opt is not None:
+        opt.step()
+    grads = [p.grad for p in model.parameters() if p.grad is not None] + ([xin.grad] if floor else [])
+    grad_b = sum(g.numel() * g.element_size() for g in grads)
+    opt_b = _opt_state_bytes(opt)
+    param_b = sum(params.values())
+    rss = peak_rss_mb(reset_ok)
+    out = {"peak_mb": (param_b + saved_b + grad_b + opt_b) / MIB, "peak_rss_mb": rss, "trainable": int(trainable),
+           "_parts": {"params_mb": param_b / MIB, "saved_mb": saved_b / MIB, "grads_mb": grad_b / MIB,
+                      "optim_mb": opt_b / MIB}}
+    del model, opt, loss, grads, xin
+    gc.collect()
+    return out
+
+
+def measure_time(methods: list[str], args, x, y, calib):
+    """Per-step wall and process-CPU times; the methods' steps are interleaved round-robin so that
+    load changes on a shared machine hit every method alike."""
+    setups = {m: setup_method(m, args, calib)[:2] for m in methods}
+    for m, (model, opt) in setups.items():
+        for _ in range(args.warmup):
+            train_step(model, opt, x, y, m == "floor")
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    cpu: dict[str, list[float]] = {m: [] for m in methods}
+    for _ in range(args.steps):
+        for m, (model, opt) in setups.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            train_step(model, opt, x, y, m == "floor")
+            times[m].append(time.perf_counter() - t0)
+            cpu[m].append(time.process_time() - c0)
+    del setups
+    gc.collect()
+    return times, cpu
+
+
+def importance_pass(args, calib) -> dict:
+    """collect_norms (stats hooks, no_grad) vs a plain no_grad forward over the same batches."""
+    model = make_model(args.model, args.img_size, args.num_classes, args.seed, args.model_kwargs)
+    cfg = TaskEdgeConfig(budget=args.budget)
+
+    def plain():
+        model.eval()
+        with torch.no_grad():
+            for xb, _ in calib:
+                model(xb)
+
+    def stats():
+        collect_norms(model, cfg, calib)
+
+    plain()  # warm-up both paths
+    stats()
+    t_stats, t_fwd = [], []
+    for _ in range(args.calib_repeats):  # interleaved to share any drift
+        t0 = time.perf_counter()
+        plain()
+        t_fwd.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        stats()
+        t_stats.append(time.perf_counter() - t0)
+    s, f = statistics.median(t_stats), statistics.median(t_fwd)
+    print(f"[importance] stats {s:.3f}s  forward {f:.3f}s  ratio {s / f:.3f}", file=sys.stderr)
+    return {"stats_s": s, "forward_s": f, "ratio": s / f}
+
+
+# --- depthwise conv micro-benchmark ----------------------------------------------------------
+
+CONV_SHAPES = [  # (batch, channels, input size, kernel, stride): depthwise layers of MobileNet-style nets
+    (32, 16, 32, 3, 2), (32, 72, 16, 3, 2), (32, 88, 8, 3, 1), (32, 96, 8, 5, 2), (32, 240, 4, 5, 1),
+    (32, 576, 4, 5, 2), (32, 576, 2, 5, 1), (32, 144, 56, 3, 1), (32, 384, 14, 3, 1), (32, 960, 7, 3, 1),
+]
+
+
+def _median_ms(fn, warmup: int, reps: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def conv_micro(args) -> list[dict]:
+    """Depthwise conv, one entry per output channel (the usual budget): the value gradient
+    alone, "sparse" (SparseDeltaConv2d's offset gather) vs "dense" (conv2d_weight + gather),
+    from the same saved input and output gradient; plus the saved-input size of each mode."""
+    from torch.nn.grad import conv2d_weight
+
+    from common.layers import SparseDeltaConv2d
+    from common.sparse_ops import _conv_value_grad
+
+    out = []
+    gen = torch.Generator().manual_seed(0)
+    for n, c, s, k, stride in CONV_SHAPES:
+        base = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c)
+        width = base.weight[0].numel()
+        idx = torch.sort(torch.randint(0, width, (c,), generator=gen) + torch.arange(c) * width).values
+        layer = SparseDeltaConv2d(base, idx, "float32", dense_grad=False)
+        x = torch.randn(n, c, s, s, generator=gen)
+        dy = torch.randn(base(x).shape, generator=gen)
+        keep = x.index_select(1, layer.uch)  # what the sparse mode saves (all channels here)
+
+        def sparse():
+            return _conv_value_grad(keep, dy, base.weight.shape, layer.pad, base.stride, base.dilation,
+                                    layer.inv_ch, layer.ent_o, layer.ent_uv, layer.o_ident, layer._index_cache)
+
+        def dense():
+            gw = conv2d_weight(x, base.weight.shape, dy, base.stride, base.padding, base.dilation, base.groups)
+            return gw.reshape(-1).index_select(0, layer.flat_idx)
+
+        assert torch.allclose(sparse(), dense(), rtol=1e-3, atol=1e-3)
+        row = {"shape": [n, c, s, s], "kernel": k, "stride": stride, "entries": int(idx.numel()),
+               "sparse_ms": _median_ms(sparse, args.warmup, args.steps),
+               "dense_ms": _median_ms(dense, args.warmup, args.steps)}
+        row["sparse_over_dense"] = row["sparse_ms"] / row["dense_ms"]
+        print(f"[conv-micro] {row['shape']} k{k} s{stride}: value grad sparse {row['sparse_ms']:.3f} ms  "
+              f"dense {row['dense_ms']:.3f} ms  ({row['sparse_over_dense']:.2f}x)", file=sys.stderr)
+        out.append(row)
+    return out
+
+
+# --- main ------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224", help="any timm model name (random init)")
+    p.add_argument("--model-kwargs", type=json.loads, default={},
+                   help='extra timm.create_model arguments as JSON, e.g. \'{"depth": 2}\'')
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
+    p.add_argument("--budget", type=float, default=0.001)
+    p.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--conv-grad", default="auto", choices=("auto", "sparse", "dense"))
+    p.add_argument("--calib-batches", type=int, default=2)
+    p.add_argument("--calib-repeats", type=int, default=3)
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list; floor is always run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-importance", action="store_true", help="skip the importance-pass timing")
+    p.add_argument("--conv-micro", action="store_true", help="depthwise conv sparse-vs-dense micro-benchmark only")
+    p.add_argument("--json", type=Path, default=None, help="also write the result here")
+    return p.parse_args(argv)
+
+
+def _loadavg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return float("nan")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.conv_micro:
+        return {"conv_micro": conv_micro(args)}
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = set(methods) - set(METHODS)
+    if bad:
+        raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {METHODS}")
+    methods = ["floor"] + [m for m in METHODS[1:] if m in methods]
+    load0 = _loadavg()
+    x, y = make_batches(args.batch, args.img_size, args.num_classes, 1, args.seed + 1)[0]
+    calib = make_batches(args.batch, args.img_size, args.num_classes, args.calib_batches, args.seed + 2)
+    result = {"model": args.model, "batch": args.batch, "methods": {}}
+    mem = {m: measure_memory(m, args, x, y, calib) for m in methods}
+    times, cpu = measure_time(methods, args, x, y, calib)
+    for m in methods:
+        result["methods"][m] = {"step_s": statistics.median(times[m]), "peak_mb": mem[m]["peak_mb"],
+                                "peak_rss_mb": mem[m]["peak_rss_mb"], "step_ratio": 0.0, "mem_ratio": 0.0,
+                                "trainable": mem[m]["trainable"]}
+    fl = result["methods"]["floor"]
+    for m, r in result["methods"].items():
+        r["step_ratio"] = r["step_s"] / fl["step_s"]
+        r["mem_ratio"] = r["peak_mb"] / fl["peak_mb"]
+        p = mem[m]["_parts"]
+        print(f"[{m:8s}] step {r['step_s']:.3f}s ({r['step_ratio']:.3f}x)  tensor {r['peak_mb']:7.1f} MiB "
+              f"({r['mem_ratio']:.3f}x: params {p['params_mb']:.1f} saved {p['saved_mb']:.1f} "
+              f"grads {p['grads_mb']:.1f} optim {p['optim_mb']:.1f})  rss {r['peak_rss_mb']:.0f} MiB  "
+              f"trainable {r['trainable']:,}  cpu/step {statistics.median(cpu[m]):.3f}s  "
+              f"steps {[round(t, 3) for t in times[m]]}", file=sys.stderr)
+    if not args.no_importance:
+        result["importance_pass"] = importance_pass(args, calib)
+    # supplementary timing (not part of the per-method schema): on a shared, loaded machine the
+    # fastest step and the process CPU time per step are steadier than the wall-clock median
+    cpu_fl = statistics.median(cpu["floor"])
+    result["timing_detail"] = {m: {"step_min_s": min(times[m]), "step_cpu_s": statistics.median(cpu[m]),
+                                   "cpu_ratio": statistics.median(cpu[m]) / cpu_fl,
+                                   "min_ratio": min(times[m]) / min(times["floor"]),
+                                   "steps_s": [round(t, 4) for t in times[m]]} for m in methods}
+    # run context (not part of the per-method schema): what was measured, and how loaded the box was
+    result["settings"] = {
+        "img_size": args.img_size, "model_kwargs": args.model_kwargs, "num_classes": args.num_classes, "save_dtype": args.save_dtype,
+        "conv_grad": args.conv_grad, "budget": args.budget, "steps": args.steps, "warmup": args.warmup,
+        "threads": args.threads, "torch": torch.__version__,
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+        "loadavg_1min_start_end": [round(load0, 2), round(_loadavg(), 2)],
+        "memory": "params+buffers + saved-for-backward (saved_tensors_hooks, dedup by storage) + grads + optimizer state",
+    }
+    return result
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Tests for the embedded offline default: procedural data (common.data) and the model factory (common.models)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the network
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from common import data as D
+from common import models as M
+
+
+@pytest.fixture
+def tmp_cache(tmp_path, monkeypatch):
+    """Private cache for tests that only need generated data (never the pre-trained backbone)."""
+    monkeypatch.setenv("TASKEDGE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _hashes(x: torch.Tensor) -> set[str]:
+    return {hashlib.sha1(row.numpy().tobytes()).hexdigest() for row in x}
+
+
+# ------------------------------------------------------------------ data
+def test_tasks_are_listed_and_unknown_names_fail():
+    assert set(D.TASKS) == {"shapes-upstream", "shapes-downstream"}
+    assert D.get_task().name == "shapes-downstream"
+    with pytest.raises(ValueError, match="no-such-task") as err:
+        D.get_task("no-such-task")
+    assert "shapes-upstream" in str(err.value)  # lists the allowed names
+
+
+def test_up_and_downstream_classes_differ():
+    up, down = D.get_task("shapes-upstream"), D.get_task("shapes-downstream")
+    assert not set(up.class_names) & set(down.class_names)
+    assert up.image_size == down.image_size == 32
+
+
+@pytest.mark.parametrize("task", ["shapes-upstream", "shapes-downstream"])
+def test_split_shapes_dtypes_labels(tmp_cache, task):
+    spec = D.get_task(task)
+    x, y = D.make_split(task, "train", n=120)
+    assert x.shape == (120, 3, spec.image_size, spec.image_size) and x.dtype == torch.float32
+    assert y.shape == (120,) and y.dtype == torch.int64
+    assert 0 <= int(y.min()) and int(y.max()) < spec.num_classes
+    assert len(torch.unique(y)) == spec.num_classes  # class-balanced
+    assert -1.0 - 1e-6 <= float(x.min()) and float(x.max()) <= 1.0 + 1e-6  # mean=std=0.5 normalisation
+
+
+def test_generation_is_deterministic_and_seeded(tmp_cache):
+    a = D._generate(D.get_task(), "train", 64, seed=3)
+    b = D._generate(D.get_task(), "train", 64, seed=3)
+    c = D._generate(D.get_task(), "train", 64, seed=4)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_smaller_n_is_a_prefix(tmp_cache):
+    x_small, y_small = D.make_split("shapes-downstream", "test", n=50)
+    x_big, y_big = D.make_split("shapes-downstream", "test", n=700)
+    assert torch.equal(x_small, x_big[:50]) and torch.equal(y_small, y_big[:50])
+
+
+def test_splits_are_disjoint(tmp_cache):
+    hashes = {s: _hashes(D.make_split("shapes-downstream", s, n=200)[0]) for s in D.SPLITS}
+    assert not hashes["train"] & hashes["calib"]
+    assert not hashes["train"] & hashes["test"]
+    assert not hashes["calib"] & hashes["test"]
+
+
+def test_cache_is_npz_and_reused(tmp_cache):
+    first = D.make_split("shapes-upstream", "calib", n=40)
+    files = list((tmp_cache / "data").glob("*.npz"))
+    assert len(files) == 1
+    with np.load(files[0], allow_pickle=False) as z:  # plain arrays, no pickle
+        assert z["x"].dtype == np.uint8 and z["x"].shape == (40, 3, 32, 32)
+    second = D.make_split("shapes-upstream", "calib", n=40)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_bad_split_arguments(tmp_cache):
+    with pytest.raises(ValueError, match="validation"):
+        D.make_split("shapes-downstream", "validation")
+    with pytest.raises(ValueError, match="nope"):
+        D.make_split("nope", "train")
+
+
+def test_hf_round_trip(tmp_cache):
+    x, y = D.make_split("shapes-downstream", "calib", n=30)
+    ds = D.to_hf_dataset(x, y, class_names=D.get_task().class_names)
+    assert ds.column_names == ["image", "label"]
+    assert ds.features["label"].names[0] == "hexagon"
+    x2, y2 = D.from_hf_dataset(ds)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_hf_dataset_works_with_flwr_partitioner(tmp_cache):
+    from flwr_datasets.partitioner import IidPartitioner
+
+    x, y = D.make_split("shapes-downstream", "calib", n=40)
+    part = IidPartitioner(num_partitions=4)
+    part.dataset = D.to_hf_dataset(x, y)
+    sizes = [len(D.from_hf_dataset(part.load_partition(i))[1]) for i in range(4)]
+    assert sizes == [10, 10, 10, 10]
+
+
+def test_load_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+    x, y = D.load_image_folder(tmp_path / "imgs")
+    assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
+    assert y.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_load_hf_saved_folder(tmp_path):
+    x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 2
+    D.to_hf_dataset(x, y).save_to_disk(str(tmp_path / "hf"))
+    x2, y2 = D.load_image_folder(tmp_path / "hf")
+    assert x2.shape == (8, 3, 32, 32) and torch.equal(y2, y)
+
+
+def test_load_image_folder_missing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        D.load_image_folder(tmp_path / "does-not-exist")
+
+
+# ------------------------------------------------------------------ models
+def test_embedded_vit_has_taskedge_targets():
+    model = M.create_model("taskedge-vit-tiny", num_classes=7)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+    assert M.head_name(model) == "head"
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert {"qkv", "proj", "fc1", "fc2", "head"} <= linear
+
+
+def test_embedded_mobilenet_builds():
+    model = M.create_model("taskedge-mobilenet-tiny", num_classes=4)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    assert M.head_name(model) == "head"
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert any(c.groups == c.in_channels > 1 for c in convs)  # depthwise
+    assert any(c.kernel_size == (1, 1) for c in convs)  # pointwise
+
+
+def test_any_timm_name_works():
+    model = M.create_model("resnet18", num_classes=3).eval()
+    assert M.head_name(model) == "fc"
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="definitely-not-a-model") as err:
+        M.create_model("definitely-not-a-model", num_classes=2)
+    assert "timm.list_models" in str(err.value)
+
+
+def test_pretrained_and_weights_are_exclusive(tmp_path):
+    with pytest.raises(ValueError, match="either"):
+        M.create_model("taskedge-vit-tiny", num_classes=2, pretrained=True, weights=tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_weights_round_trip(tmp_path, suffix):
+    torch.manual_seed(0)
+    src = M.create_model("taskedge-vit-tiny", num_classes=5).eval()
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    else:
+        torch.save(src.state_dict(), path)
+    torch.manual_seed(1)  # a different init, so equality comes from the loaded weights
+    dst = M.create_model("taskedge-vit-tiny", num_classes=5, weights=path).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(src(x), dst(x))
+
+
+def test_head_is_reinitialised_on_class_mismatch(tmp_path):
+    src = M.create_model("taskedge-vit-tiny", num_classes=10)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    dst = M.create_model("taskedge-vit-tiny", num_classes=3, weights=tmp_path / "w.pth")
+    assert dst.head.weight.shape == (3, dst.head.in_features)
+    own, ref = dst.state_dict(), src.state_dict()
+    assert all(torch.equal(own[k], ref[k]) for k in own if not k.startswith("head."))
+
+
+def test_non_head_mismatch_is_an_error(tmp_path):
+    sd = M.create_model("taskedge-vit-tiny", num_classes=10).state_dict()
+    sd.pop("blocks.0.attn.qkv.weight")
+    torch.save(sd, tmp_path / "broken.pth")
+    with pytest.raises(RuntimeError, match="qkv"):
+        M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "broken.pth")
+    with pytest.raises(FileNotFoundError):
+        M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "missing.pth")
+
+
+def test_pth_loading_refuses_pickled_objects(tmp_path):
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": object()}, tmp_path / "evil.pth")
+    with pytest.raises(Exception):  # weights_only=True rejects arbitrary objects
+        M.load_weights(M.create_model("taskedge-vit-tiny", num_classes=2), tmp_path / "evil.pth")
+
+
+# ------------------------------------------------------------------ pre-trained backbone (real cache)
+@pytest.mark.slow
+def test_embedded_backbone_is_pretrained_and_cached():
+    path = M.embedded_backbone(progress=False)  # pre-trains on first use (~1-3 min), then cached
+    assert path.endswith(".safetensors") and M.embedded_backbone(progress=False) == path
+    info = M.embedded_info(path)
+    assert float(info["upstream_test_acc"]) > 0.85
+    model = M.create_embedded(num_classes=4)
+    assert model.head.out_features == 4
+    from safetensors.torch import load_file
+
+    saved = load_file(path)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], saved[k]) for k in own if not k.startswith("head."))
