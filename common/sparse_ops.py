@@ -18,6 +18,8 @@ Cost model (what makes this cheap next to the frozen-backbone floor):
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -28,10 +30,33 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def _effective_weight(weight: torch.Tensor, flat_idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    if flat_idx.numel() == 0:  # a wrapped layer that got no entries: W_eff is W0, no copy
-        return weight
-    return weight.reshape(-1).index_add(0, flat_idx, values.to(weight.dtype)).view_as(weight)
+@contextmanager
+def _effective_weight(weight: torch.Tensor, flat_idx: torch.Tensor, values: torch.Tensor):
+    """W_eff = W0 + scatter(values) for the duration of the block, without a weight-sized copy.
+
+    The E masked entries of the frozen W0 are patched in place and restored bit-exactly from
+    a saved copy of those E entries afterwards (also on error), so the cost is O(E) instead
+    of a weight-sized clone per call. The result equals weight.index_add(values) exactly
+    (flat indices are unique). W0 must not be saved for backward by anything else (a version
+    counter check would fire); the functions below keep it on ctx instead of saving it. A
+    non-contiguous weight falls back to an out-of-place W_eff.
+    """
+    if flat_idx.numel() == 0:  # a wrapped layer that got no entries: W_eff is W0
+        yield weight
+        return
+    v = values.detach().to(weight.dtype)
+    if not weight.is_contiguous():
+        yield weight.reshape(-1).index_add(0, flat_idx, v).view_as(weight)
+        return
+    with torch.no_grad():
+        flat = weight.detach().view(-1)
+        orig = flat.index_select(0, flat_idx)
+        flat.index_add_(0, flat_idx, v)
+    try:
+        yield weight.detach()
+    finally:
+        with torch.no_grad():
+            flat.index_copy_(0, flat_idx, orig)
 
 
 def _keep(x: torch.Tensor, dim: int, idx: torch.Tensor, full: bool, save_dtype: str) -> torch.Tensor:
@@ -63,19 +88,22 @@ class SparseDeltaLinearFn(torch.autograd.Function):
     def forward(ctx, x, values, weight, bias, flat_idx, rows, ucols, inv, save_dtype: str):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        y = F.linear(x2, _effective_weight(weight, flat_idx, values), bias)
+        with _effective_weight(weight, flat_idx, values) as w_eff:
+            y = F.linear(x2, w_eff, bias)
         full = ucols.numel() == shape[-1]  # then ucols == arange(in) and inv == cols
-        ctx.save_for_backward(_keep(x2, 1, ucols, full, save_dtype), values, weight, flat_idx, rows, inv)
-        ctx.in_shape = shape
+        ctx.save_for_backward(_keep(x2, 1, ucols, full, save_dtype), values, flat_idx, rows, inv)
+        ctx.weight, ctx.in_shape = weight, shape  # frozen parameter: not saved (see _effective_weight)
         return y.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        xu, values, weight, flat_idx, rows, inv = ctx.saved_tensors
+        xu, values, flat_idx, rows, inv = ctx.saved_tensors
+        weight = ctx.weight
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dv = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ _effective_weight(weight, flat_idx, values).to(dy2.dtype)).reshape(ctx.in_shape)
+            with _effective_weight(weight, flat_idx, values) as w_eff:
+                dx = (dy2 @ w_eff.to(dy2.dtype)).reshape(ctx.in_shape)
         if ctx.needs_input_grad[1]:
             dv = _rowwise_dot(dy2, rows, xu, inv).to(values.dtype)
         return dx, dv, None, None, None, None, None, None, None
@@ -94,21 +122,23 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
     def forward(ctx, x, values, weight, bias, flat_idx, geom, save_dtype: str, dense: bool,
                 o_ident: bool = False, cache: dict | None = None):
         pad, stride, dilation, groups, uch, inv_ch, ent_o, ent_uv = geom
-        w_eff = _effective_weight(weight, flat_idx, values)
         l, r, t, b = pad
-        if l == r and t == b:
-            y = F.conv2d(x, w_eff, bias, stride, (t, l), dilation, groups)
-        else:
-            y = F.conv2d(F.pad(x, pad), w_eff, bias, stride, 0, dilation, groups)
+        with _effective_weight(weight, flat_idx, values) as w_eff:
+            if l == r and t == b:
+                y = F.conv2d(x, w_eff, bias, stride, (t, l), dilation, groups)
+            else:
+                y = F.conv2d(F.pad(x, pad), w_eff, bias, stride, 0, dilation, groups)
         full = dense or uch.numel() == x.shape[1]
-        ctx.save_for_backward(_keep(x, 1, uch, full, save_dtype), values, weight, flat_idx)
+        ctx.save_for_backward(_keep(x, 1, uch, full, save_dtype), values, flat_idx)
+        ctx.weight = weight  # frozen parameter: not saved (see _effective_weight)
         ctx.geom, ctx.dense, ctx.full, ctx.xshape = geom, dense, full, x.shape
         ctx.o_ident, ctx.cache = o_ident, cache
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        keep, values, weight, flat_idx = ctx.saved_tensors
+        keep, values, flat_idx = ctx.saved_tensors
+        weight = ctx.weight
         pad, stride, dilation, groups, uch, inv_ch, ent_o, ent_uv = ctx.geom
         l, r, t, b = pad
         sym = l == r and t == b
@@ -123,10 +153,11 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
                 xin = xin if sym else F.pad(xin, pad)
             else:  # only the shape matters (as in torch.nn.grad.conv2d_input)
                 xin = dy.new_empty(1).expand((n, c, h, w) if sym else (n, c, h + t + b, w + l + r))
-            w_eff = _effective_weight(weight, flat_idx, values).to(dy.dtype) if need_x else weight.to(dy.dtype)
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                dy, xin, w_eff, None, stride, (t, l) if sym else (0, 0), dilation, False, (0, 0), groups,
-                (need_x, dense_v, False))
+            sel = (flat_idx, values) if need_x else (flat_idx[:0], values[:0])  # dense grad: shape only
+            with _effective_weight(weight, *sel) as w_eff:
+                gx, gw, _ = torch.ops.aten.convolution_backward(
+                    dy, xin, w_eff.to(dy.dtype), None, stride, (t, l) if sym else (0, 0), dilation, False, (0, 0),
+                    groups, (need_x, dense_v, False))
             if need_x:
                 dx = gx if sym else gx[:, :, t: t + h, l: l + w]
             if dense_v:

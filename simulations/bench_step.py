@@ -7,7 +7,8 @@ init, no downloads), one fixed batch. For each method:
                parameter requires grad): the cost of a backward pass with no weight gradients.
 * ``taskedge`` ``get_taskedge_model`` (budget 0.001, score "taskedge", calibration on
                ``--calib-batches`` batches) + dense head, AdamW.
-* ``lora``     HF peft LoRA r=8 on exactly the modules TaskEdge wraps + dense head, AdamW.
+* ``lora``     HF peft LoRA r=8 on the modules TaskEdge wraps + dense head, AdamW (grouped /
+               depthwise convs that peft rejects at r=8 are left frozen and reported on stderr).
 * ``full``     every parameter trainable, AdamW.
 
 step_s
@@ -45,12 +46,22 @@ trainable
 pre-hooks that accumulate per-feature squared sums, under no_grad) against a plain no_grad
 forward over the same calibration batches (median of ``--calib-repeats`` runs each).
 
-``--conv-micro`` instead times the value gradient of a depthwise 3x3 conv (MobileNet-style
-shapes) with ``conv_grad`` "sparse" (offset sums over shifted input views) vs "dense" (torch's
-dense weight gradient, then a gather) and writes {"conv_micro": [...]}.
+Beside the per-method schema the JSON carries ``timing_detail`` (per method: fastest step,
+median process-CPU time per step and both as ratios to the floor, all step times) and
+``settings`` (image size, save dtype, threads, load average at start/end, ...). On a shared,
+loaded machine two-thread wall-clock steps stall whenever a worker thread is descheduled
+(each parallel op waits for it), which penalises methods with more (small) ops; compare
+``--threads 1`` runs (``timing_detail.cpu_ratio``) or set ``OMP_WAIT_POLICY=PASSIVE`` there.
+
+``--conv-micro`` instead times the value gradient alone of depthwise 3x3 / 5x5 convs
+(MobileNet-style shapes, one trainable entry per channel) with ``conv_grad`` "sparse"
+(SparseDeltaConv2d's flat gather over kernel offsets) vs "dense" (torch's dense weight
+gradient, then a gather) and writes {"conv_micro": [...]}.
 
 Default model: ``vit_base_patch16_224`` at img_size=64, batch 32, 2 threads (the issue's
-reference prototype). Example:
+reference prototype; ~1-1.5 min on 2 idle cores, much longer on a loaded box;
+``--model vit_small_patch16_224`` is ~4x faster). ``--model-kwargs`` passes extra
+``timm.create_model`` arguments (e.g. '{"depth": 2}'). Example:
 
     python -m simulations.bench_step --json results/bench_vitb_f32.json
     python -m simulations.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json

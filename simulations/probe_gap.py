@@ -3,9 +3,11 @@
 Sparse fine-tuning methods are only comparable on a task where training the
 head alone (linear probe) is clearly worse than training everything (full
 fine-tuning).  This script measures both on the embedded backbone, for the same
-number of epochs, and prints one JSON line.
+number of epochs, plus a linear probe fitted to convergence (L-BFGS logistic
+regression on the frozen features), and prints one JSON line.  ``gap`` is full
+fine-tuning minus the better of the two probes, in accuracy points.
 
-    python -m simulations.probe_gap [--epochs 5]
+    python -m simulations.probe_gap [--epochs 8]
 """
 
 from __future__ import annotations
@@ -89,14 +91,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default=DEFAULT_TASK)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--ft-lr", type=float, default=1e-3, help="full fine-tuning learning rate")
-    ap.add_argument("--lp-lr", type=float, default=1e-2, help="linear-probe learning rate (head only)")
+    ap.add_argument("--ft-lr", type=float, default=2e-3, help="full fine-tuning learning rate")
+    ap.add_argument("--lp-lr", type=float, default=0.1,
+                    help="linear-probe learning rate: the frozen features are badly conditioned, a head alone needs a large one")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--converged-probe", action="store_true",
-                    help="also fit a logistic regression to convergence on the frozen features")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -108,13 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
     for method, run in (("linear_probe_acc", _linear_probe), ("full_ft_acc", _full_finetune)):
         torch.manual_seed(args.seed)  # same fresh head for both methods
         accs[method] = run(create_embedded(spec.num_classes, model=args.model), data, args)
-    seconds = time.perf_counter() - start
-    if args.converged_probe:
-        accs["linear_probe_converged_acc"] = _converged_linear_probe(create_embedded(spec.num_classes, model=args.model), data)
+    accs["linear_probe_converged_acc"] = _converged_linear_probe(create_embedded(spec.num_classes, model=args.model), data)
+    best_probe = max(accs["linear_probe_acc"], accs["linear_probe_converged_acc"])
     result = {  # accuracies and gap in percentage points
         **{k: round(100 * v, 2) for k, v in accs.items()},
-        "gap": round(100 * (accs["full_ft_acc"] - accs["linear_probe_acc"]), 2),
-        "seconds": round(seconds, 1),
+        # conservative: against the better of the two probes, so a slow-converging head cannot inflate it
+        "gap": round(100 * (accs["full_ft_acc"] - best_probe), 2),
+        "seconds": round(time.perf_counter() - start, 1),
         "upstream_acc": round(100 * float(embedded_info(weights).get("upstream_test_acc", "nan")), 2),
         "task": spec.name,
         "model": args.model,

@@ -21,7 +21,7 @@ SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/taskedge-flwr.XXXXXX")"
 export FLWR_HOME="${FLWR_HOME:-$SCRATCH/flwr-home}"
 export RAY_TMPDIR="${RAY_TMPDIR:-$SCRATCH/ray}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 mkdir -p "$FLWR_HOME" "$RAY_TMPDIR"
 
 free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
@@ -42,4 +42,9 @@ trap stop_superlink EXIT
 echo "[run_flwr] FLWR_HOME=$FLWR_HOME port=$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT supernodes=$N"
 flwr run . --stream \
   --federation-config "num-supernodes=$N client-resources-num-cpus=1 init-args-num-cpus=$(nproc)" \
-  --run-config "output-dir='$ROOT/runs'" "$@"
+  --run-config "output-dir='$ROOT/runs'" "$@" 2>&1 | tee "$SCRATCH/flwr-run.log"
+# `flwr run --stream` exits 0 even when the run fails; the streamed log carries Flower's exit code.
+if grep -q "Exit Code: [1-9]" "$SCRATCH/flwr-run.log"; then
+  echo "[run_flwr] the run failed (see above)" >&2
+  exit 1
+fi
