@@ -144,6 +144,14 @@ def test_embedded_vit_has_taskedge_targets():
     assert {"qkv", "proj", "fc1", "fc2", "head"} <= linear
 
 
+def test_embedded_models_are_registered_with_timm():
+    import timm
+
+    assert timm.is_model("taskedge_vit_tiny") and timm.is_model("taskedge_mobilenet_tiny")
+    model = M.create_model("taskedge_vit_tiny", num_classes=2)  # timm spelling works too
+    assert model.patch_embed.proj.kernel_size == (8, 8) and len(model.blocks) == 4
+
+
 def test_embedded_mobilenet_builds():
     model = M.create_model("taskedge-mobilenet-tiny", num_classes=4)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
