@@ -272,8 +272,9 @@ def _pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool
 
     r, total = _RECIPE, _RECIPE["steps"]
     opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
-    warmup_cosine = lambda s: min(1.0, (s + 1) / r["warmup_steps"]) * 0.5 * (1 + math.cos(math.pi * s / total))  # noqa: E731
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / r["warmup_steps"]) * 0.5 * (1 + math.cos(math.pi * s / total))
+    )
     gen = torch.Generator().manual_seed(r["seed"])
     order = torch.empty(0, dtype=torch.long)
     model.train()

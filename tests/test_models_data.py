@@ -117,7 +117,8 @@ def test_load_image_folder(tmp_path):
     for cls in ("cat", "dog"):
         (tmp_path / "imgs" / cls).mkdir(parents=True)
         for i in range(3):
-            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
+            pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
     x, y = D.load_image_folder(tmp_path / "imgs")
     assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
