@@ -5,16 +5,19 @@ Backward returns the gradient of `values` only,
 from the input columns the mask reads (saved, optionally in reduced precision), plus the
 input gradient through W_eff. W0 is frozen and gets no gradient.
 
-Cost model (what makes this cheap next to the frozen-backbone floor):
-  * forward and input gradient are ONE dense GEMM / conv each, with W_eff = W0 + delta built on
-    the fly (a weight-sized copy plus an E-element index_add; rebuilt in backward rather than
-    saved, so no weight-sized tensor is kept). This is the same kernel the floor runs; the
-    (tokens x entries) gather/scatter alternative costs more than the copy once tokens
-    are in the hundreds, and index_add_ along dim 1 is slow on CPU.
+Cost model (what keeps this at the frozen-backbone floor):
+  * forward and input gradient are ONE dense GEMM / conv each, run on W_eff = W0 + delta made
+    by patching the E masked entries of W0 in place and restoring them bit-exactly afterwards
+    (O(E) per call; no weight-sized copy, nothing weight-sized saved). That is the same kernel
+    the floor runs. (A (tokens x entries) gather/scatter on top of the W0 GEMM was slower:
+    index_add_ along dim 1 goes through scatter_add with an expanded int64 index on CPU.)
   * the value gradient is a gather-multiply-sum over (tokens x entries), chunked over tokens
-    so the temporaries stay cache-sized; no (tokens x width) weight gradient is formed.
-  * only the input columns/channels the mask reads are saved; when the mask reads all of
-    them the input itself is saved (no copy, and shared with any other op that saves it).
+    so the temporaries stay cache-sized; no (tokens x width) weight gradient is formed. Conv
+    value gradients use one flat gather over all kernel offsets (indices cached per input
+    shape on the layer), with padding handled by a mask instead of a padded copy.
+  * only the input columns/channels the mask reads are saved (optionally in bf16); when the
+    mask reads all of them the input itself is saved (no copy, shared with any other op that
+    saves it).
 """
 from __future__ import annotations
 
