@@ -66,7 +66,6 @@ class SparseDeltaLinear(SparseDeltaLayer):
         cols = (self.flat_idx % self.width)
         ucols, inv = torch.unique(cols, return_inverse=True)
         self.register_buffer("rows", rows, persistent=False)
-        self.register_buffer("cols", cols, persistent=False)
         self.register_buffer("ucols", ucols, persistent=False)
         self.register_buffer("inv", inv, persistent=False)
 

@@ -70,16 +70,19 @@ def target_modules(model: nn.Module, config: TaskEdgeConfig) -> dict[str, nn.Mod
     return dict(sorted(out.items()))
 
 
+def _owner(name: str) -> str:
+    """Module name that owns parameter `name` ("" for the root)."""
+    return name.rpartition(".")[0]
+
+
+def _is_delta_values(model: nn.Module, name: str) -> bool:
+    return name.endswith(".values") and isinstance(model.get_submodule(_owner(name)), SparseDeltaLayer)
+
+
 def backbone_parameters(model: nn.Module, head: str | None) -> int:
     """Parameters of the pre-trained backbone (everything but the head), counting wrapped bases once."""
-    total = 0
-    for name, p in model.named_parameters():
-        mod_name = name.rsplit(".", 1)[0]
-        if _under(mod_name, head) or name.endswith(".values") and isinstance(
-                model.get_submodule(mod_name), SparseDeltaLayer):
-            continue
-        total += p.numel()
-    return total
+    return sum(p.numel() for name, p in model.named_parameters()
+               if not (_under(_owner(name), head) or _is_delta_values(model, name)))
 
 
 def collect_norms(model: nn.Module, config: TaskEdgeConfig, batches: Iterable) -> dict[str, torch.Tensor]:
@@ -161,9 +164,7 @@ def apply_mask(model: nn.Module, mask: Mask, config: TaskEdgeConfig | None = Non
 
 def mark_trainable(model: nn.Module, head: str | None) -> None:
     for name, p in model.named_parameters():
-        mod_name = name.rsplit(".", 1)[0] if "." in name else ""
-        p.requires_grad_(name.endswith(".values") and isinstance(model.get_submodule(mod_name), SparseDeltaLayer)
-                         or _under(mod_name, head))
+        p.requires_grad_(_is_delta_values(model, name) or _under(_owner(name), head))
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
