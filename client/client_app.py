@@ -1,123 +1,141 @@
-"""ClientApp (Flower Message API): statistics query, train and evaluate handlers.
+"""ClientApp (Flower Message API): statistics, mask, train and evaluate handlers.
 
-Thin by design: it unpacks messages, keeps the mask in `context.state` (it is sent once per
-mask version) and calls the plain functions in client/task.py and client/methods.py.
-Node config (deployment): `partition-id`, `num-partitions`, optional `data-path` (local
-folder, replaces the simulated partition) and `budget-rank` (smaller device budget).
+Thin by design: it unpacks messages, keeps the mask in `context.state` (sent once per mask
+version by the `query.mask` phase) and calls the plain functions of `common/`. Every message's
+ConfigRecord carries the run configuration the server runs with (the server's run config is
+authoritative: `run_simulation` gives clients none). Node config (deployment): `partition-id`,
+`num-partitions`, optional `data-path` (local folder instead of the simulated partition),
+`budget-rank` (a smaller device budget: the node trains the nested sub-mask of that rank) and
+`num-threads` (torch threads; default: run config `client-threads`).
 """
 from __future__ import annotations
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import load_local_data
-from client.methods import base_model, build, get_arrays, set_arrays
-from client.settings import CLIENT_KEYS, AppConfig, parse_run_config
-from client.task import local_eval, local_stats, local_train, local_vote, mask_from_wire, taskedge_config
-from common.data import get_task
+from common.allocation import Mask
+from common.local import local_eval, local_stats, local_train, local_vote
+from common.methods import base_model, get_arrays, method_model, set_arrays
+from common.partition import node_data
+from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
+from common.wire import nested, put, take
 
-app = ClientApp()
 
-
-def _setup(msg: Message, context: Context) -> tuple[AppConfig, int, int]:
-    """Run config, overridden by the server's setup (sent on first contact, cached in the state).
-
-    The server's run config is authoritative: `run_simulation` gives clients no run config.
-    """
-    if "setup" in msg.content:
-        context.state["setup"] = msg.content["setup"]
-    elif "setup" not in context.state:
-        raise RuntimeError("no cached setup (state lost?); the server must resend it")
-    sent = {k: v for k, v in context.state["setup"].items() if k in CLIENT_KEYS}
+def _config(msg: Message, context: Context) -> AppConfig:
+    """The run config as the server sent it; also sets this process's torch threads."""
+    sent = {k: v for k, v in msg.content["config"].items() if k in CLIENT_KEYS}
     cfg = parse_run_config({**context.run_config, **sent})
-    nc = context.node_config
-    pid = int(nc.get("partition-id", 0))
-    parts = cfg.num_partitions or int(nc.get("num-partitions", 1))
-    return cfg, pid, parts
+    torch.set_num_threads(int(context.node_config.get("num-threads", cfg.client_threads)))
+    return cfg
 
 
-def _data(msg: Message, context: Context):
-    cfg, pid, parts = _setup(msg, context)
-    return load_local_data(cfg.task, pid, parts, partitioner=cfg.partitioner, alpha=cfg.alpha, seed=cfg.seed,
-                           test_fraction=cfg.test_fraction, calib_size=cfg.calib_size,
-                           data_path=str(context.node_config.get("data-path", "")))
+def _rank(cfg: AppConfig, context: Context) -> int:
+    return int(context.node_config.get("budget-rank", cfg.ranks_for(int(context.node_config.get("partition-id", 0)))))
 
 
-def _budget_rank(msg: Message, context: Context) -> int:
-    cfg, pid, _ = _setup(msg, context)
-    return int(context.node_config.get("budget-rank", cfg.ranks_for(pid)))
-
-
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+def _arrays(record: ArrayRecord) -> dict:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def _base(cfg: AppConfig):
-    return base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+def _record(arrays: dict) -> ArrayRecord:
+    return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def _model(msg: Message, context: Context):
-    """Pre-trained model + this method's trainable part, loaded with the server's values."""
-    cfg, _, _ = _setup(msg, context)
-    conf = msg.content["config"]
-    method = cfg.method
-    mask = None
-    if method == "taskedge":
-        version = int(conf["mask-version"])
-        if "mask" in msg.content:  # first contact or re-reconciliation: cache it
-            context.state["mask"] = msg.content["mask"]
-            context.state["mask-meta"] = ConfigRecord({"version": version})
-        elif "mask" not in context.state or int(context.state["mask-meta"]["version"]) != version:
-            raise RuntimeError(f"no cached mask for version {version}; the server must resend it")
-        mask = mask_from_wire(_arrays(context.state["mask"]))
-    model = build(method, _base(cfg), taskedge_config(cfg.to_dict()), mask, cfg.lora_rank, cfg.seed)
-    set_arrays(method, model, _arrays(msg.content["arrays"]))
-    return model, method
+def _model(msg: Message, context: Context, cfg: AppConfig):
+    """(model loaded with this node's share of the server's arrays, received arrays, positions)."""
+    received = _arrays(msg.content["arrays"])
+    mask, positions = None, None
+    if cfg.method == "taskedge":
+        version = int(msg.content["config"]["mask-version"])
+        if "mask" not in context.state or int(context.state["mask-meta"]["version"]) != version:
+            raise RuntimeError(f"this node holds no mask version {version} (it joined after the mask phase or "
+                               f"lost its state); the server must resend it")
+        mask, positions = nested(Mask.from_arrays(_arrays(context.state["mask"])), _rank(cfg, context))
+    model = method_model(cfg, mask)
+    set_arrays(cfg.method, model, take(received, positions))
+    return model, received, positions
 
 
-@app.query("stats")
 def stats(msg: Message, context: Context) -> Message:
     """Sum-of-squares statistics of the local calibration data (plus local top-k when voting)."""
-    cfg, _, _ = _setup(msg, context)
-    tcfg = taskedge_config(cfg.to_dict())
-    data = _data(msg, context)
-    model = _base(cfg)
+    cfg = _config(msg, context)
+    tcfg, data = cfg.taskedge_config(), node_data(cfg, context.node_config)
+    from common.data import get_task
+
+    model = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
     st = local_stats(model, tcfg, data.x_calib, cfg.batch_size)
-    content = RecordDict({
-        "stats": ArrayRecord({k: Array(v) for k, v in st.items()}),
-        "info": MetricRecord({"num-examples": len(data.x_train), "calib-examples": len(data.x_calib),
-                              "budget-rank": _budget_rank(msg, context)}),
-    })
+    content = RecordDict({"stats": _record(st), "info": MetricRecord({"num-examples": len(data.x_train),
+                                                                      "calib-examples": len(data.x_calib)})})
     if cfg.reconcile == "vote":
-        content["votes"] = ArrayRecord({k: Array(v) for k, v in local_vote(model, tcfg, st).items()})
+        content["votes"] = _record(local_vote(model, tcfg, st))
     return Message(content, reply_to=msg)
 
 
-@app.train()
+def install_mask(msg: Message, context: Context) -> Message:
+    """Keep the global mask (indices and ranks) for the training rounds; answer with the budget rank."""
+    cfg = _config(msg, context)
+    version = int(msg.content["config"]["mask-version"])
+    Mask.from_arrays(_arrays(msg.content["mask"]))  # validate before keeping it
+    context.state["mask"] = msg.content["mask"]
+    context.state["mask-meta"] = ConfigRecord({"version": version})
+    return Message(RecordDict({"info": MetricRecord({"mask-version": version, "budget-rank": _rank(cfg, context)})}),
+                   reply_to=msg)
+
+
 def train(msg: Message, context: Context) -> Message:
-    """E local epochs on the received values; reply with the updated values in mask order."""
-    cfg, pid, _ = _setup(msg, context)
-    model, method = _model(msg, context)
-    data = _data(msg, context)
-    seed = cfg.seed * 100_003 + int(msg.content["config"]["server-round"]) * 1_009 + pid
+    """E local epochs on the received values; reply with the full-length arrays (same keys and shapes)."""
+    cfg = _config(msg, context)
+    model, received, positions = _model(msg, context, cfg)
+    data = node_data(cfg, context.node_config)
+    conf = msg.content["config"]
+    rnd = int(conf.get("round-offset", 0)) + int(conf["server-round"])
+    seed = cfg.seed * 100_003 + rnd * 1_009 + int(context.node_config.get("partition-id", 0))
     res = local_train(model, data.x_train, data.y_train, epochs=cfg.local_epochs, batch_size=cfg.batch_size,
                       lr=cfg.lr, seed=seed)
+    arrays = put(received, get_arrays(cfg.method, model), positions)
     content = RecordDict({
-        "arrays": ArrayRecord({k: Array(v) for k, v in get_arrays(method, model).items()}),
+        "arrays": _record({k: arrays[k] for k in received}),
         "metrics": MetricRecord({"num-examples": int(res["examples"]), "train-loss": float(res["loss"]),
                                  "train-acc": float(res["acc"])}),
     })
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Loss / accuracy of the received model on the local test split."""
-    model, _ = _model(msg, context)
-    data = _data(msg, context)
+    """Loss / accuracy of the received model (this node's share of it) on the local test split."""
+    cfg = _config(msg, context)
+    model, _, _ = _model(msg, context, cfg)
+    data = node_data(cfg, context.node_config)
     res = local_eval(model, data.x_test, data.y_test)
-    content = RecordDict({"metrics": MetricRecord({"num-examples": int(res["examples"]),
-                                                   "eval-loss": float(res["loss"]),
-                                                   "eval-acc": float(res["acc"])})})
-    return Message(content, reply_to=msg)
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": int(res["examples"]),
+                                                        "eval-loss": float(res["loss"]),
+                                                        "eval-acc": float(res["acc"])})}), reply_to=msg)
+
+
+def train_only(mod):
+    """Apply a Flower mod to training messages only.
+
+    flwr 1.42's `fixedclipping_mod` / `adaptiveclipping_mod` say they operate on train messages but
+    check every message for exactly one ArrayRecord with a clipping norm, so they turn this app's
+    statistics, mask and evaluate messages into errors; wrapped here, those pass straight through.
+    """
+    def mod_for_train(msg: Message, context: Context, call_next):
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return mod(msg, context, call_next)
+        return call_next(msg, context)
+
+    return mod_for_train
+
+
+def create_app(mods: tuple = ()) -> ClientApp:
+    """The ClientApp with these handlers, behind Flower mods (DP clipping mods: wrap in `train_only`)."""
+    client = ClientApp(mods=list(mods))
+    client.query("stats")(stats)
+    client.query("mask")(install_mask)
+    client.train()(train)
+    client.evaluate()(evaluate)
+    return client
+
+
+app = create_app()

@@ -95,10 +95,12 @@ class SparseDeltaConv2d(SparseDeltaLayer):
         # entry e belongs to output channel e (one entry per channel): the value gradient can use
         # dY as it is instead of gathering its channels
         self.o_ident = bool(o.numel() == out_c and torch.equal(o, torch.arange(out_c, device=o.device)))
-        self._index_cache: dict = {}  # gather indices of the value gradient, per input shape
+        # gather indices of the value gradient, per input shape; public because they are memory the
+        # layer keeps alive (common.profiling counts them)
+        self.index_cache: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
         geom = (self.pad, b.stride, b.dilation, b.groups, self.uch, self.inv_ch, self.ent_o, self.ent_uv)
         return SparseDeltaConv2dFn.apply(x, self.values, b.weight, b.bias, self.flat_idx, geom,
-                                         self.save_dtype, self.dense_grad, self.o_ident, self._index_cache)
+                                         self.save_dtype, self.dense_grad, self.o_ident, self.index_cache)

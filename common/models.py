@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from common.tuner import find_head
 from common.data import TaskSpec, cache_dir, fingerprint, get_task, make_split
 
 __all__ = [
@@ -33,7 +35,6 @@ __all__ = [
     "create_embedded",
     "embedded_backbone",
     "embedded_info",
-    "head_name",
     "load_weights",
 ]
 
@@ -153,31 +154,17 @@ def _resolve(name: str) -> str:
     )
 
 
-def head_name(model: nn.Module) -> str:
-    """Module name of the classifier head (timm's ``pretrained_cfg['classifier']``)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    name = cfg.get("classifier")
-    if isinstance(name, (list, tuple)):
-        name = name[0]
-    if name:
-        with contextlib.suppress(AttributeError):
-            model.get_submodule(name)
-            return name
-    if hasattr(model, "get_classifier"):
-        clf = model.get_classifier()
-        for n, m in model.named_modules():
-            if m is clf and n:
-                return n
-    raise ValueError(f"cannot find the classifier head of {type(model).__name__}")
-
-
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         sd = load_file(str(path), device="cpu")
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        try:  # weights_only: never unpickle arbitrary objects (they can run code when loaded)
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{path} holds pickled Python objects; only plain tensors (a state dict) are "
+                             f"accepted: re-save it with torch.save(model.state_dict(), ...) or as .safetensors") from e
         for key in ("state_dict", "model"):
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
@@ -196,7 +183,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    sd, own, head = _read_state_dict(path), model.state_dict(), head_name(model)
+    sd, own, head = _read_state_dict(path), model.state_dict(), find_head(model)
     in_head = lambda k: k.startswith(head + ".")  # noqa: E731
     skipped = [k for k in sd if in_head(k) and (k not in own or own[k].shape != sd[k].shape)]
     skipped += [k for k in own if in_head(k) and k not in sd]

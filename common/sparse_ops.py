@@ -167,8 +167,8 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
                 dv = gw.reshape(-1).index_select(0, flat_idx).to(values.dtype)
         if need_v and not ctx.dense:
             ch = inv_ch if not ctx.full else uch[inv_ch]
-            dv = _conv_value_grad(keep, dy, weight.shape, pad, stride, dilation, ch, ent_o, ent_uv,
-                                  ctx.o_ident, ctx.cache).to(values.dtype)
+            dv = conv_value_grad(keep, dy, weight.shape, pad, stride, dilation, ch, ent_o, ent_uv,
+                                 ctx.o_ident, ctx.cache).to(values.dtype)
         return dx, dv, None, None, None, None, None, None, None, None
 
 
@@ -196,7 +196,7 @@ def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo
     return out
 
 
-def _conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_ident=False, cache=None):
+def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_ident=False, cache=None):
     """g[e] = sum_{n,h,w} dY[n, o_e, h, w] * Xpad[n, c_e, h*s + u_e*d, w*s + v_e*d].
 
     xs holds the saved (unpadded) input channels; `ch` indexes them per entry. All kernel

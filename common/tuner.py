@@ -5,15 +5,15 @@
     apply_mask(model, mask, cfg)      # in place; only `values` and the head train
     ... train ...
     plain = merge_and_unload(model)   # ordinary nn.Module with the deltas folded in
+
+What travels between client and server (values in mask order, the head) is `common.wire`.
 """
 from __future__ import annotations
 
 import copy
 import re
-from collections import OrderedDict
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +27,9 @@ SUPPORTED = (nn.Linear, nn.Conv2d)
 
 
 def find_head(model: nn.Module, head: str | None = None) -> str | None:
-    """Name of the classifier head: explicit, timm's pretrained_cfg['classifier'], or the last Linear."""
+    """Name of the classifier head: explicit (""/"none" = no head), timm's pretrained_cfg['classifier']
+    (its first entry when a model has several, e.g. distilled DeiT), the module `get_classifier()`
+    returns, or the last nn.Linear."""
     names = dict(model.named_modules())
     if head is not None:
         if head in ("", "none"):
@@ -37,9 +39,15 @@ def find_head(model: nn.Module, head: str | None = None) -> str | None:
         return head
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     cls = cfg.get("classifier") if isinstance(cfg, dict) else None
+    cls = cls[0] if isinstance(cls, (list, tuple)) and cls else cls
     if isinstance(cls, str) and cls in names:
         return cls
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if hasattr(model, "get_classifier"):
+        clf = model.get_classifier()
+        found = [n for n, m in names.items() if m is clf and n]
+        if found:
+            return found[0]
+    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
 
 
@@ -192,55 +200,6 @@ def get_taskedge_model(model: nn.Module, config: TaskEdgeConfig, calib_batches: 
     mask = build_mask(model, config, norms)
     apply_nm(model, config, norms)
     return apply_mask(model, mask, config), mask
-
-
-# --- wire format -----------------------------------------------------------------------------
-
-def extract(model: nn.Module, indices: bool = True, head: str | None | bool = True) -> "OrderedDict[str, np.ndarray]":
-    """Flat arrays in a stable order: '<module>.idx' (int64, optional), '<module>.values' (float32),
-    then the head's state-dict entries. This is what travels between client and server."""
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    for name, layer in delta_layers(model).items():
-        if indices:
-            out[f"{name}.idx"] = layer.flat_idx.cpu().numpy().astype(np.int64)
-        out[f"{name}.values"] = layer.values.detach().cpu().float().numpy()
-    if head is not False:
-        hname = find_head(model, None if head is True else head)
-        if hname is not None:
-            for k, v in model.get_submodule(hname).state_dict().items():
-                out[f"{hname}.{k}"] = v.detach().cpu().numpy()
-    return out
-
-
-def load(model: nn.Module, arrays: dict[str, np.ndarray], head: str | None | bool = True) -> None:
-    """Inverse of `extract`. Validates every array (names, shapes, dtypes, indices) before writing any."""
-    layers = delta_layers(model)
-    hname = find_head(model, None if head is True else head) if head is not False else None
-    head_sd = model.get_submodule(hname).state_dict() if hname else {}
-    writes = []
-    for key, arr in arrays.items():
-        arr = np.asarray(arr)
-        mod, _, leaf = key.rpartition(".")
-        if mod in layers and leaf == "values":
-            layer = layers[mod]
-            if arr.shape != tuple(layer.values.shape) or arr.dtype.kind != "f":
-                raise ValueError(f"'{key}': expected float array of shape {tuple(layer.values.shape)}, "
-                                 f"got {arr.dtype} {arr.shape}")
-            writes.append((layer.values, arr))
-        elif mod in layers and leaf == "idx":
-            if arr.shape != tuple(layers[mod].flat_idx.shape) or not np.array_equal(arr, layers[mod].flat_idx.cpu().numpy()):
-                raise ValueError(f"'{key}': indices differ from the model's mask; apply the new mask first")
-        elif hname and key.startswith(hname + ".") and key[len(hname) + 1:] in head_sd:
-            ref = head_sd[key[len(hname) + 1:]]
-            if arr.shape != tuple(ref.shape) or arr.dtype.kind != "f":
-                raise ValueError(f"'{key}': expected float array of shape {tuple(ref.shape)}, got {arr.dtype} {arr.shape}")
-            writes.append((ref, arr))
-        else:
-            raise ValueError(f"unknown key '{key}': expected '<module>.values' / '<module>.idx' of a sparse-delta "
-                             f"layer or a head entry '{hname}.*'")
-    with torch.no_grad():
-        for tensor, arr in writes:
-            tensor.copy_(torch.from_numpy(np.ascontiguousarray(arr)).to(tensor.dtype))
 
 
 def count_trainable(model: nn.Module, head: str | None = None) -> dict[str, int]:

@@ -6,9 +6,8 @@ denominator (the summed weights of the clients that trained it). An untrained en
 counts as zero, and an entry nobody trained keeps its previous value. Dense arrays (the head,
 or every array of the baselines) are the special case "positions = everything".
 
-The server optimizer is a separate seam: aggregation yields (average, coverage) and
-`ServerOptimizer.step` turns that into the next global state (FedAvg = take the average;
-FedAvgM = momentum on the pseudo-gradient, as in Hsu et al. 2019; FedAdam would slot in here).
+Used only with heterogeneous (nested) budgets: when every node trains the whole mask, the
+per-entry mean is Flower's FedAvg mean and `FedAvg.aggregate_train` does it (server/strategy.py).
 """
 from __future__ import annotations
 
@@ -63,64 +62,3 @@ def masked_mean(current: Arrays, updates: Sequence[Update]) -> tuple[Arrays, dic
         avg[key] = out.astype(np.asarray(cur).dtype).reshape(np.shape(cur))
         den_out[key] = den.reshape(np.shape(cur))
     return avg, den_out
-
-
-class ServerOptimizer:
-    """Seam for server-side optimizers: next global = step(current, average, coverage)."""
-
-    def step(self, current: Arrays, average: Arrays, coverage: dict[str, np.ndarray]) -> Arrays:
-        raise NotImplementedError
-
-    def state(self) -> Arrays:
-        """Arrays to checkpoint (e.g. momentum buffers), keyed by global key."""
-        return {}
-
-    def load_state(self, arrays: Arrays) -> None:
-        """Restore from `state()` (resume)."""
-
-    def reset(self) -> None:
-        """Forget buffers (the global vector changed meaning, e.g. after re-reconciliation)."""
-
-
-class FedAvgOpt(ServerOptimizer):
-    """Plain FedAvg: the new global is the (masked) average."""
-
-    def step(self, current, average, coverage):
-        return {k: average[k] for k in current}
-
-
-class FedAvgMOpt(ServerOptimizer):
-    """Server momentum on the pseudo-gradient current - average, only where someone trained."""
-
-    def __init__(self, lr: float = 1.0, momentum: float = 0.9):
-        self.lr, self.momentum = lr, momentum
-        self.buf: Arrays = {}
-
-    def step(self, current, average, coverage):
-        new = {}
-        for k, cur in current.items():
-            hit = coverage[k] > 0
-            prev = self.buf.get(k)
-            if prev is None or prev.shape != cur.shape:
-                prev = np.zeros(cur.shape, np.float32)
-            buf = np.where(hit, self.momentum * prev + (cur - average[k]), prev).astype(np.float32)
-            self.buf[k] = buf
-            new[k] = np.where(hit, cur - self.lr * buf, cur).astype(cur.dtype)
-        return new
-
-    def state(self):
-        return {k: v.copy() for k, v in self.buf.items()}
-
-    def load_state(self, arrays):
-        self.buf = {k: np.asarray(v, dtype=np.float32).copy() for k, v in arrays.items()}
-
-    def reset(self):
-        self.buf = {}
-
-
-def make_server_optimizer(name: str, lr: float = 1.0, momentum: float = 0.9) -> ServerOptimizer:
-    if name == "fedavg":
-        return FedAvgOpt()
-    if name == "fedavgm":
-        return FedAvgMOpt(lr, momentum)
-    raise ValueError(f"unknown server optimizer {name!r}")

@@ -4,7 +4,8 @@ For tests and benchmarks: the strategy and the ClientApp handlers are exactly th
 under `flwr run`; only transport is replaced. Like the real runtime, every message is passed
 through its serialised form (deflate/inflate of the content), each node keeps its own
 `Context` (with a persistent `state`) and an exception in a handler becomes an error reply.
-`tamper(node_id, reply) -> reply` lets tests corrupt replies on the way back.
+`tamper(node_id, reply) -> reply` lets tests corrupt replies on the way back; `observe(message,
+reply)` sees every delivered pair.
 """
 from __future__ import annotations
 
@@ -40,8 +41,8 @@ def _roundtrip(content: RecordDict) -> RecordDict:
 class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, run_config: dict | None = None,
                  node_configs: dict[int, dict] | None = None, tamper: Callable[[int, Message], Message] | None = None,
-                 serialize: bool = True):
-        self.client_app, self.tamper, self.serialize = client_app, tamper, serialize
+                 serialize: bool = True, observe: Callable[[Message, Message], None] | None = None):
+        self.client_app, self.tamper, self.serialize, self.observe = client_app, tamper, serialize, observe
         self.contexts: dict[int, Context] = {}
         for pid in range(num_nodes):
             nid = 1000 + pid
@@ -67,8 +68,12 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def _deliver(self, msg: Message) -> Message:
+        # Flower's own grids (InMemoryGrid, HttpGrid) stamp the id on the pushed message this way;
+        # replies name it in `reply_to_message_id`, which is how the server matches them.
+        msg.metadata.__dict__["_message_id"] = msg.object_id
         nid = msg.metadata.dst_node_id
-        log = {"type": msg.metadata.message_type, "node": nid, "group": msg.metadata.group_id,
+        conf = msg.content.get("config")
+        log = {"type": msg.metadata.message_type, "node": nid, "round": conf.get("server-round") if conf else None,
                "records": sorted(msg.content.keys()), "down": sum(r.count_bytes() for r in msg.content.values())}
         self.delivered.append(log)
         if self.serialize:
@@ -80,6 +85,8 @@ class InProcessGrid(Grid):
         if self.serialize and not reply.has_error():
             reply = Message(_roundtrip(reply.content), metadata=reply.metadata)
         reply = self.tamper(nid, reply) if self.tamper else reply
+        if self.observe is not None:
+            self.observe(msg, reply)
         log["up"] = 0 if reply.has_error() else sum(r.count_bytes() for r in reply.content.values())
         return reply
 

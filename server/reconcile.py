@@ -9,8 +9,7 @@ broken by the summed local score |W| * sum_c ||X_j||_c (importance is linear in 
 The allocation (k per row, leftovers by score) is then the usual neuron-level one.
 
 Heterogeneous budgets use the nested property of the allocation: a client with budget rank
-k_c trains `mask.subset(k_c)`, and `packed_positions` says where its entries sit in the
-packed global value vector.
+k_c trains `mask.subset(k_c)` (see `common.wire`).
 """
 from __future__ import annotations
 
@@ -55,33 +54,3 @@ def vote_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, 
     n = budget_entries(tcfg.budget, backbone_parameters(model, find_head(model, tcfg.head)),
                        sum(s.numel() for s in combined.values()))
     return allocate(combined, n, tcfg.allocation)
-
-
-def packed_offsets(mask: Mask) -> dict[str, int]:
-    """Start of each module's block in the packed value vector (modules in sorted order)."""
-    offs, pos = {}, 0
-    for n in mask.names():
-        offs[n] = pos
-        pos += int(mask.indices[n].numel())
-    return offs
-
-
-def packed_positions(full: Mask, sub: Mask) -> np.ndarray:
-    """Positions of a nested sub-mask's entries inside the full mask's packed vector."""
-    offs = packed_offsets(full)
-    rel = sub.positions_in(full)
-    parts = [offs[n] + rel[n].numpy() for n in sub.names()]
-    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
-
-
-def carry_values(old: Mask, old_values: np.ndarray, new: Mask) -> np.ndarray:
-    """Packed values for a new mask: surviving entries keep their learned value, new ones start at 0."""
-    out = np.zeros(new.num_entries, dtype=np.float32)
-    old_offs, new_offs = packed_offsets(old), packed_offsets(new)
-    for n in new.names():
-        if n not in old.indices:
-            continue
-        oi, ni = old.indices[n].numpy(), new.indices[n].numpy()
-        common, o_pos, n_pos = np.intersect1d(oi, ni, assume_unique=True, return_indices=True)
-        out[new_offs[n] + n_pos] = old_values[old_offs[n] + o_pos]
-    return out

@@ -1,22 +1,172 @@
-"""One federation run on any Grid: used by the ServerApp and by the in-process benchmark/tests."""
+"""One federation run on any Grid, phase by phase: used by the ServerApp and by the in-process tests.
+
+    wait for min-nodes -> [taskedge] statistics phase -> reconcile -> mask delivery
+    -> Strategy.start(R rounds) -> [every reconcile-every rounds: statistics -> reconcile -> start]
+    -> export the merged model, write the summary
+
+`Strategy.start` drives every training round; its `evaluate_fn` is the one per-round hook,
+so it evaluates centrally and hands the result to the recorder, which closes the round.
+"""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
-from client.settings import AppConfig
+from common.allocation import Mask
+from common.local import local_eval
+from common.methods import export, get_arrays, method_model, num_entries, set_arrays
+from common.partition import server_test_split
+from common.settings import AppConfig
+from common.wire import PACKED, carry_values
 
-from .results import new_run_dir
-from .strategy import TaskEdgeStrategy
+from .checkpoint import Checkpoint, export_model, load_checkpoint
+from .guard import ReplyGuard
+from .messages import array_record, wait_for_nodes
+from .phases import MaskDelivery, statistics_phase
+from .recorder import RoundLog, RunRecorder, new_run_dir
+from .strategy import make_strategy, momentum_state, restore_momentum
 
 
-def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "auto") -> tuple[TaskEdgeStrategy, dict]:
-    """Reconcile, train `num-server-rounds` rounds, export. run_dir="auto": output-dir/<timestamp>-<method>."""
+@dataclass
+class Federation:
+    """What a run leaves behind (for the ServerApp's log, tests and benchmarks)."""
+
+    cfg: AppConfig
+    run_dir: Path | None
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    mask: Mask | None = None
+    mask_version: int = 0
+    history: list[dict] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+    node_rank: dict[int, int] = field(default_factory=dict)
+
+
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _reconcile(grid: Grid, fed: Federation, delivery: MaskDelivery, log: RoundLog) -> bool:
+    """Statistics phase + new mask; surviving entries keep their learned values. False: skipped."""
+    cfg = fed.cfg
+    mask = statistics_phase(grid, cfg, wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout), log)
+    if mask is None:
+        if fed.mask is None:
+            why = "; ".join(d["reason"] for d in log.dropped[-3:])
+            raise RuntimeError(f"statistics phase: fewer valid replies than min-replies={cfg.min_replies}"
+                               + (f" (e.g. {why})" if why else ""))
+        log.info("Re-reconciliation skipped: too few valid statistics replies")
+        return False
+    arrays = get_arrays("taskedge", method_model(cfg, mask))
+    if fed.mask is not None:
+        arrays[PACKED] = carry_values(fed.mask, fed.arrays[PACKED], mask)
+        arrays.update((k, v) for k, v in fed.arrays.items() if k != PACKED)
+        log.info("Re-reconciled mask v%d: %d entries, %d carried values", fed.mask_version + 1, mask.num_entries,
+                 int(np.count_nonzero(arrays[PACKED])))
+    fed.mask, fed.mask_version, fed.arrays = mask, fed.mask_version + 1, arrays
+    delivery.install(mask, fed.mask_version)
+    return True
+
+
+def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "auto",
+                   wrap: Callable[[Strategy], Strategy] | None = None) -> tuple[Federation, dict]:
+    """Run `num-server-rounds` rounds (continuing a checkpoint with `resume`) and export the model.
+
+    `wrap` puts a Flower strategy wrapper (e.g. a DP wrapper) around the strategy, inside the reply guard.
+    """
     if run_dir == "auto":
         run_dir = new_run_dir(cfg.output_dir, cfg.method)
-    strategy = TaskEdgeStrategy(cfg, run_dir)
-    initial = strategy.initialize(grid)
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=max(cfg.num_server_rounds - strategy.round_offset, 0),
-                   timeout=cfg.round_timeout, evaluate_fn=strategy.central_evaluate)
-    return strategy, strategy.finish()
+    fed, log = Federation(cfg, Path(run_dir) if run_dir else None), RoundLog()
+    ck = load_checkpoint(cfg.resume) if cfg.resume else None
+    if ck is not None and ck.method != cfg.method:
+        raise ValueError(f"run config 'resume': checkpoint is for method {ck.method!r}, not {cfg.method!r}")
+    delivery = MaskDelivery(cfg, log) if cfg.method == "taskedge" else None
+    if delivery is None:
+        fed.arrays = get_arrays(cfg.method, method_model(cfg))
+    elif ck is None:
+        _reconcile(grid, fed, delivery, log)
+    else:
+        fed.mask, fed.mask_version = ck.mask, ck.mask_version
+        delivery.install(ck.mask, ck.mask_version)
+    if ck is not None:
+        fed.arrays = dict(ck.arrays)
+        log.info("Resuming from %s at round %d", cfg.resume, ck.round)
+    nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
+    if delivery is not None:
+        delivery.ensure(grid, nodes)  # the mask phase: also tells each node's budget rank
+    nested = delivery is not None and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks))
+    strategy = make_strategy(cfg, delivery, nested)
+    keys = list(fed.arrays)
+    restore_momentum(strategy, ck.opt_state if ck else {}, keys)
+    guard = ReplyGuard(wrap(strategy) if wrap else strategy, log, cfg.min_replies, delivery.forget if delivery else None)
+    recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
+    model = method_model(cfg, fed.mask)
+    done = ck.round if ck else 0
+    first = True
+
+    def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's per-round hook: central evaluation, then the recorder closes the round."""
+        if server_round == 0 and not first:
+            return None  # a later segment's start: the round was closed already
+        fed.arrays = _arrays(arrays)
+        central = None
+        if cfg.server_test_size > 0:
+            set_arrays(cfg.method, model, fed.arrays)
+            central = local_eval(model, *server_test_split(cfg.task, cfg.server_test_size))
+        rnd = done + server_round
+        recorder.end_round(rnd, central, Checkpoint(rnd, cfg.method, fed.arrays, fed.mask, fed.mask_version,
+                                                    momentum_state(strategy, keys), cfg.to_dict()),
+                           trainable_entries=num_entries(fed.arrays), mask_version=fed.mask_version,
+                           mask_entries=fed.mask.num_entries if fed.mask else 0)
+        return MetricRecord({"central-acc": central["acc"], "central-loss": central["loss"]}) if central else None
+
+    every = cfg.reconcile_every if delivery is not None else 0
+    while done < cfg.num_server_rounds:
+        if every and done > 0 and done % every == 0 and not first and _reconcile(grid, fed, delivery, log):
+            model = method_model(cfg, fed.mask)
+            restore_momentum(strategy, {}, keys)
+        rounds = min(every - done % every if every else cfg.num_server_rounds, cfg.num_server_rounds - done)
+        conf = {**cfg.client_config(), "mask-version": fed.mask_version, "round-offset": done}
+        guard.start(grid=grid, initial_arrays=array_record(fed.arrays), num_rounds=rounds, timeout=cfg.round_timeout,
+                    train_config=ConfigRecord(dict(conf)), evaluate_config=ConfigRecord(dict(conf)),
+                    evaluate_fn=end_round)
+        done, first = done + rounds, False
+    fed.history, fed.dropped = recorder.rounds, log.dropped
+    fed.node_rank = dict(delivery.ranks) if delivery else {}
+    return fed, _finish(fed, recorder, model)
+
+
+def _finish(fed: Federation, recorder: RunRecorder, model) -> dict:
+    """Export the merged model and write the run summary."""
+    cfg = fed.cfg
+    set_arrays(cfg.method, model, fed.arrays)
+    summary = summarize(fed.history, cfg.method)
+    summary["dropped_replies"] = len(fed.dropped)
+    if fed.run_dir is not None:
+        export_model(export(cfg.method, model).state_dict(), fed.run_dir / "final_model.safetensors",
+                     {"method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": summary.get("rounds", 0)})
+        summary["run_dir"] = str(fed.run_dir)
+        recorder.summary = summary
+        recorder.write()
+    return summary
+
+
+def summarize(history: list[dict], method: str) -> dict:
+    """Final accuracy and traffic per client and round over the training rounds."""
+    trained = [r for r in history if "sent" in r]
+    last = history[-1] if history else {}
+    mean = lambda k: float(np.mean([r[k] for r in trained if r.get(k) is not None])) if trained else 0.0  # noqa: E731
+    s = {"method": method, "rounds": len(trained), "initial_acc": history[0].get("central_acc") if history else None,
+         "final_acc": last.get("central_acc"), "final_fed_acc": last.get("fed_acc"),
+         "upload_bytes_per_client_round": mean("bytes_up_per_client"),
+         "download_bytes_per_client_round": mean("bytes_down_per_client"),
+         "total_bytes": last.get("cum_bytes", 0), "trainable_entries": last.get("trainable_entries"),
+         "skipped_rounds": sum(bool(r.get("skipped")) for r in trained)}
+    bound = mean("bound_bytes_per_client")
+    s["bound_ratio"] = s["upload_bytes_per_client_round"] / bound if bound else None
+    return s

@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from client.settings import parse_run_config
+from common.settings import parse_run_config
 
 from .runner import run_federation
 
@@ -23,9 +23,9 @@ LAST: dict = {}
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config)  # fails here, naming the key, on a bad value
     LAST.clear()
-    strategy, summary = run_federation(grid, cfg)
-    LAST.update(summary=summary, history=strategy.history, dropped=strategy.dropped, run_dir=str(strategy.run_dir))
-    log(INFO, "Results: %s", strategy.run_dir)
+    fed, summary = run_federation(grid, cfg)
+    LAST.update(summary=summary, history=fed.history, dropped=fed.dropped, run_dir=str(fed.run_dir))
+    log(INFO, "Results: %s", fed.run_dir)
     log(INFO, "Final accuracy %s after %d rounds; %.0f B up / %.0f B down per client per round",
         summary.get("final_acc"), summary["rounds"], summary["upload_bytes_per_client_round"],
         summary["download_bytes_per_client_round"])

@@ -50,10 +50,11 @@ def decode(record: ArrayRecord, specs: Mapping[str, tuple[tuple[int, ...], str]]
     return out
 
 
-def num_examples(metrics: MetricRecord, key: str = "num-examples") -> int:
-    if key not in metrics:
+def num_examples(metrics: MetricRecord, key: str = "num-examples", required: bool = True) -> int:
+    """A non-negative integer count (absent and not required: 0)."""
+    if key not in metrics and required:
         raise BadReply(f"metrics lack '{key}'")
-    n = metrics[key]
+    n = metrics.get(key, 0)
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0 or float(n) != int(n):
         raise BadReply(f"'{key}' must be a non-negative integer, got {n!r}")
     return int(n)
@@ -83,6 +84,15 @@ def eval_reply(msg: Message) -> tuple[int, dict]:
     return n, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
+def mask_reply(msg: Message, version: int) -> int:
+    """The node's budget rank from its mask-delivery reply (0 = the whole mask), or BadReply."""
+    check_error(msg)
+    info = _record(msg, "info", MetricRecord)
+    if info.get("mask-version") != version:
+        raise BadReply(f"acknowledged mask version {info.get('mask-version')!r}, expected {version}")
+    return num_examples(info, "budget-rank", required=False)
+
+
 def stats_reply(msg: Message, stats_specs, vote_specs=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict]:
     """(stats arrays, vote arrays or None, info) of a statistics reply, or BadReply."""
     check_error(msg)
@@ -106,6 +116,4 @@ def stats_reply(msg: Message, stats_specs, vote_specs=None) -> tuple[dict[str, n
                     or np.unique(arr).size != arr.size:
                 raise BadReply(f"'{key}' must be unique integer indices in [0, {size})")
             votes[key] = arr.astype(np.int64)
-    rank = info.get("budget-rank", 0)
-    return stats, votes, {"budget-rank": int(rank) if isinstance(rank, (int, float)) and rank >= 0 else 0,
-                          "num-examples": num_examples(info)}
+    return stats, votes, {"num-examples": num_examples(info)}

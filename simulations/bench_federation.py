@@ -2,7 +2,7 @@
 
     python -m simulations.bench_federation --json results/bench_federation.json [--rounds 5 --nodes 5]
 
-Each method runs the real ClientApp handlers and the real strategy (server/strategy.py) over an
+Each method runs the real ClientApp handlers and the real ServerApp phases and strategy (server/runner.py) over an
 in-process Grid (server/inprocess.py; messages are still serialised and bytes are counted from
 the real records), one after the other in this process, on identical data partitions. The
 micro-benchmark aggregates 100 client replies of 100k masked entries (decode + validation +
@@ -28,7 +28,7 @@ METHODS = {"fedavg_full": "fedavg-full", "fedlora": "fedlora", "taskedge": "task
 
 def run_method(method: str, nodes: int, overrides: dict, out_dir: Path) -> dict:
     from client.client_app import app as client_app
-    from client.settings import parse_run_config
+    from common.settings import parse_run_config
     from server.inprocess import InProcessGrid, task_identity
     from server.runner import run_federation
 
@@ -36,7 +36,7 @@ def run_method(method: str, nodes: int, overrides: dict, out_dir: Path) -> dict:
     with task_identity():
         grid = InProcessGrid(client_app, nodes, cfg.to_dict())
         t0 = time.perf_counter()
-        strategy, summary = run_federation(grid, cfg)
+        fed, summary = run_federation(grid, cfg)
         wall = time.perf_counter() - t0
     return {
         "final_acc": summary["final_acc"], "initial_acc": summary["initial_acc"],
@@ -44,11 +44,11 @@ def run_method(method: str, nodes: int, overrides: dict, out_dir: Path) -> dict:
         "upload_bytes_per_client_round": summary["upload_bytes_per_client_round"],
         "download_bytes_per_client_round": summary["download_bytes_per_client_round"],
         "total_bytes": summary["total_bytes"], "trainable_entries": summary["trainable_entries"],
-        "mask_entries": strategy.mask.num_entries if strategy.mask is not None else None,
+        "mask_entries": fed.mask.num_entries if fed.mask is not None else None,
         "bound_ratio": summary["bound_ratio"], "lr": cfg.lr, "local_epochs": cfg.local_epochs,
         "wall_s": round(wall, 1), "run_dir": summary.get("run_dir"),
         "history": [{k: r.get(k) for k in ("round", "central_acc", "fed_acc", "bytes_up", "bytes_down", "cum_bytes")}
-                    for r in strategy.history],
+                    for r in fed.history],
     }
 
 

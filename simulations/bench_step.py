@@ -56,12 +56,15 @@ loaded machine two-thread wall-clock steps stall whenever a worker thread is des
 ``--conv-micro`` instead times the value gradient alone of depthwise 3x3 / 5x5 convs
 (MobileNet-style shapes, one trainable entry per channel) with ``conv_grad`` "sparse"
 (SparseDeltaConv2d's flat gather over kernel offsets) vs "dense" (torch's dense weight
-gradient, then a gather) and writes {"conv_micro": [...]}.
+gradient, then a gather), interleaved, and writes {"conv_micro": [...]}.
+
+The measuring itself (the accounting rules above, RSS, interleaved timing) is ``common.profiling``,
+tested on hand-computed byte counts; this entry point sets up the methods and writes the JSON.
 
 Default model: ``vit_base_patch16_224`` at img_size=64, batch 32, 2 threads (the issue's
 reference prototype; ~1-1.5 min on 2 idle cores, much longer on a loaded box;
-``--model vit_small_patch16_224`` is ~4x faster). ``--model-kwargs`` passes extra
-``timm.create_model`` arguments (e.g. '{"depth": 2}'). Example:
+``--model vit_small_patch16_224`` is ~4x faster; the embedded ``taskedge-vit-tiny`` works too).
+``--model-kwargs`` passes extra ``timm.create_model`` arguments (e.g. '{"depth": 2}'). Example:
 
     python -m simulations.bench_step --json results/bench_vitb_f32.json
     python -m simulations.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json
@@ -74,39 +77,38 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
-import time
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 if __package__ in (None, ""):  # `python simulations/bench_step.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import profiling  # noqa: E402
 from common.config import TaskEdgeConfig  # noqa: E402
+from common.models import create_model  # noqa: E402
 from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
 
 METHODS = ("floor", "taskedge", "lora", "full")
-MIB = 1024 * 1024
+MIB = profiling.MIB
+CONV_SHAPES = [  # (batch, channels, input size, kernel, stride): depthwise layers of MobileNet-style nets
+    (32, 16, 32, 3, 2), (32, 72, 16, 3, 2), (32, 88, 8, 3, 1), (32, 96, 8, 5, 2), (32, 240, 4, 5, 1),
+    (32, 576, 4, 5, 2), (32, 576, 2, 5, 1), (32, 144, 56, 3, 1), (32, 384, 14, 3, 1), (32, 960, 7, 3, 1),
+]
 
 
-# --- model / data ----------------------------------------------------------------------------
-
-def make_model(name: str, img_size: int, num_classes: int, seed: int, kwargs: dict | None = None) -> nn.Module:
-    import timm
-
-    kwargs = dict(kwargs or {})
-    torch.manual_seed(seed)
+def make_model(args) -> nn.Module:
+    """The benchmarked architecture, random init, re-created from the same seed for every method."""
+    torch.manual_seed(args.seed)
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs)
+        model = create_model(args.model, num_classes=args.num_classes, img_size=args.img_size, **args.model_kwargs)
     except TypeError:  # CNNs take no img_size
-        torch.manual_seed(seed)
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        torch.manual_seed(args.seed)
+        model = create_model(args.model, num_classes=args.num_classes, **args.model_kwargs)
     return model.float()
 
 
@@ -115,84 +117,6 @@ def make_batches(batch: int, img_size: int, num_classes: int, n: int, seed: int)
     return [(torch.randn(batch, 3, img_size, img_size, generator=gen),
              torch.randint(0, num_classes, (batch,), generator=gen)) for _ in range(n)]
 
-
-# --- memory accounting -----------------------------------------------------------------------
-
-def _storage(t: torch.Tensor):
-    try:
-        st = t.untyped_storage()
-        return st.data_ptr(), st.nbytes()
-    except (RuntimeError, NotImplementedError, TypeError):
-        return None, 0
-
-
-def _model_storages(model: nn.Module) -> dict[int, int]:
-    """Parameters, buffers and tensors cached on modules (SparseDeltaConv2d's gather indices)."""
-    tensors = list(model.parameters()) + list(model.buffers())
-    for mod in model.modules():
-        cache = getattr(mod, "_index_cache", None)
-        if isinstance(cache, dict):
-            tensors += [t for v in cache.values() for t in (v if isinstance(v, tuple) else (v,)) if torch.is_tensor(t)]
-    out = {}
-    for t in tensors:
-        ptr, nb = _storage(t)
-        if ptr:
-            out[ptr] = nb
-    return out
-
-
-@contextmanager
-def saved_tensor_meter(exclude: set[int]):
-    """Record the storages of every tensor autograd saves; yields the {data_ptr: nbytes} dict."""
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr, nb = _storage(t)
-        if ptr and ptr not in exclude:
-            seen[ptr] = max(seen.get(ptr, 0), nb)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield seen
-
-
-def _opt_state_bytes(opt: torch.optim.Optimizer | None) -> int:
-    if opt is None:
-        return 0
-    total, seen = 0, set()
-    for state in opt.state.values():
-        for v in state.values():
-            if torch.is_tensor(v):
-                ptr, nb = _storage(v)
-                if ptr not in seen:
-                    seen.add(ptr)
-                    total += nb
-    return total
-
-
-def peak_rss_reset() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb(reset_ok: bool) -> float:
-    if reset_ok:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / (MIB if sys.platform == "darwin" else 1024)
-
-
-# --- methods ---------------------------------------------------------------------------------
 
 def _lora_targets(model: nn.Module, r: int = 8) -> list[str]:
     """TaskEdge's target modules, minus grouped convs that peft's LoRA rejects (rank % groups != 0,
@@ -206,7 +130,8 @@ def _lora_targets(model: nn.Module, r: int = 8) -> list[str]:
 
 
 def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optimizer | None, int]:
-    model = make_model(args.model, args.img_size, args.num_classes, args.seed, args.model_kwargs)
+    """The model and AdamW optimizer of one method, and its number of trainable scalars."""
+    model = make_model(args)
     head = find_head(model)
     if method == "floor":
         model.requires_grad_(False)
@@ -230,149 +155,50 @@ def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optim
     return model, opt, sum(p.numel() for p in params)
 
 
-def train_step(model, opt, x, y, floor: bool):
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    if floor:
-        x = x.detach().requires_grad_(True)
-    loss = F.cross_entropy(model(x), y)
-    loss.backward()
-    if opt is not None:
-        opt.step()
-    return x
-
-
 def measure_memory(method: str, args, x, y, calib) -> dict:
-    """Tensor accounting of one training step (after one warm-up step) and the peak RSS."""
+    """Tensor accounting of one training step (after one warm-up step) and the peak RSS, with one
+    model alive at a time."""
     gc.collect()
-    reset_ok = peak_rss_reset()
+    reset_ok = profiling.peak_rss_reset()
     model, opt, trainable = setup_method(method, args, calib)
     floor = method == "floor"
-    train_step(model, opt, x, y, floor)  # warm-up: optimizer state exists from here on
-    params = _model_storages(model)
-    if opt is not None:
-        opt.zero_grad(set_to_none=True)
-    xin = x.detach().requires_grad_(True) if floor else x
-    with saved_tensor_meter(set(params)) as saved:
-        loss = F.cross_entropy(model(xin), y)
-    saved_b = sum(saved.values())
-    loss.backward()
-    if opt is not None:
-        opt.step()
-    grads = [p.grad for p in model.parameters() if p.grad is not None] + ([xin.grad] if floor else [])
-    grad_b = sum(g.numel() * g.element_size() for g in grads)
-    opt_b = _opt_state_bytes(opt)
-    param_b = sum(params.values())
-    rss = peak_rss_mb(reset_ok)
-    out = {"peak_mb": (param_b + saved_b + grad_b + opt_b) / MIB, "peak_rss_mb": rss, "trainable": int(trainable),
-           "_parts": {"params_mb": param_b / MIB, "saved_mb": saved_b / MIB, "grads_mb": grad_b / MIB,
-                      "optim_mb": opt_b / MIB}}
-    del model, opt, loss, grads, xin
+    profiling.train_step(model, opt, x, y, floor)  # warm-up: optimizer state exists from here on
+    parts = profiling.step_memory(model, opt, x, y, floor)
+    rss = profiling.peak_rss_mb(reset_ok)
+    del model, opt
     gc.collect()
-    return out
+    return {"peak_mb": sum(parts.values()) / MIB, "peak_rss_mb": rss, "trainable": int(trainable),
+            "_parts": {f"{k}_mb": v / MIB for k, v in parts.items()}}
 
 
 def measure_time(methods: list[str], args, x, y, calib):
-    """Per-step wall and process-CPU times; the methods' steps are interleaved round-robin so that
-    load changes on a shared machine hit every method alike."""
-    setups = {m: setup_method(m, args, calib)[:2] for m in methods}
-    for m, (model, opt) in setups.items():
-        for _ in range(args.warmup):
-            train_step(model, opt, x, y, m == "floor")
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    cpu: dict[str, list[float]] = {m: [] for m in methods}
-    for _ in range(args.steps):
-        for m, (model, opt) in setups.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            train_step(model, opt, x, y, m == "floor")
-            times[m].append(time.perf_counter() - t0)
-            cpu[m].append(time.process_time() - c0)
-    del setups
+    """Per-step wall and process-CPU times, all methods set up side by side and interleaved."""
+    steps = {}
+    for m in methods:
+        model, opt, _ = setup_method(m, args, calib)
+        steps[m] = partial(profiling.train_step, model, opt, x, y, m == "floor")
+    times, cpu = profiling.interleaved_times(steps, args.warmup, args.steps)
+    del steps
     gc.collect()
     return times, cpu
 
 
 def importance_pass(args, calib) -> dict:
     """collect_norms (stats hooks, no_grad) vs a plain no_grad forward over the same batches."""
-    model = make_model(args.model, args.img_size, args.num_classes, args.seed, args.model_kwargs)
+    model = make_model(args)
     cfg = TaskEdgeConfig(budget=args.budget)
-
-    def plain():
-        model.eval()
-        with torch.no_grad():
-            for xb, _ in calib:
-                model(xb)
-
-    def stats():
-        collect_norms(model, cfg, calib)
-
-    plain()  # warm-up both paths
-    stats()
-    t_stats, t_fwd = [], []
-    for _ in range(args.calib_repeats):  # interleaved to share any drift
-        t0 = time.perf_counter()
-        plain()
-        t_fwd.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        stats()
-        t_stats.append(time.perf_counter() - t0)
-    s, f = statistics.median(t_stats), statistics.median(t_fwd)
-    print(f"[importance] stats {s:.3f}s  forward {f:.3f}s  ratio {s / f:.3f}", file=sys.stderr)
-    return {"stats_s": s, "forward_s": f, "ratio": s / f}
-
-
-# --- depthwise conv micro-benchmark ----------------------------------------------------------
-
-CONV_SHAPES = [  # (batch, channels, input size, kernel, stride): depthwise layers of MobileNet-style nets
-    (32, 16, 32, 3, 2), (32, 72, 16, 3, 2), (32, 88, 8, 3, 1), (32, 96, 8, 5, 2), (32, 240, 4, 5, 1),
-    (32, 576, 4, 5, 2), (32, 576, 2, 5, 1), (32, 144, 56, 3, 1), (32, 384, 14, 3, 1), (32, 960, 7, 3, 1),
-]
-
-
-def _median_ms(fn, warmup: int, reps: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    res = profiling.importance_pass_times(model, lambda: collect_norms(model, cfg, calib), calib, args.calib_repeats)
+    print(f"[importance] stats {res['stats_s']:.3f}s  forward {res['forward_s']:.3f}s  ratio {res['ratio']:.3f}",
+          file=sys.stderr)
+    return res
 
 
 def conv_micro(args) -> list[dict]:
-    """Depthwise conv, one entry per output channel (the usual budget): the value gradient
-    alone, "sparse" (SparseDeltaConv2d's offset gather) vs "dense" (conv2d_weight + gather),
-    from the same saved input and output gradient; plus the saved-input size of each mode."""
-    from torch.nn.grad import conv2d_weight
-
-    from common.layers import SparseDeltaConv2d
-    from common.sparse_ops import _conv_value_grad
-
-    out = []
+    """Depthwise conv value gradient, sparse vs dense, for each of CONV_SHAPES."""
     gen = torch.Generator().manual_seed(0)
+    out = []
     for n, c, s, k, stride in CONV_SHAPES:
-        base = nn.Conv2d(c, c, k, stride=stride, padding=k // 2, groups=c)
-        width = base.weight[0].numel()
-        idx = torch.sort(torch.randint(0, width, (c,), generator=gen) + torch.arange(c) * width).values
-        layer = SparseDeltaConv2d(base, idx, "float32", dense_grad=False)
-        x = torch.randn(n, c, s, s, generator=gen)
-        dy = torch.randn(base(x).shape, generator=gen)
-        keep = x.index_select(1, layer.uch)  # what the sparse mode saves (all channels here)
-
-        def sparse():
-            return _conv_value_grad(keep, dy, base.weight.shape, layer.pad, base.stride, base.dilation,
-                                    layer.inv_ch, layer.ent_o, layer.ent_uv, layer.o_ident, layer._index_cache)
-
-        def dense():
-            gw = conv2d_weight(x, base.weight.shape, dy, base.stride, base.padding, base.dilation, base.groups)
-            return gw.reshape(-1).index_select(0, layer.flat_idx)
-
-        assert torch.allclose(sparse(), dense(), rtol=1e-3, atol=1e-3)
-        row = {"shape": [n, c, s, s], "kernel": k, "stride": stride, "entries": int(idx.numel()),
-               "sparse_ms": _median_ms(sparse, args.warmup, args.steps),
-               "dense_ms": _median_ms(dense, args.warmup, args.steps)}
-        row["sparse_over_dense"] = row["sparse_ms"] / row["dense_ms"]
+        row = profiling.conv_value_grad_times(n, c, s, k, stride, gen, args.warmup, args.steps)
         print(f"[conv-micro] {row['shape']} k{k} s{stride}: value grad sparse {row['sparse_ms']:.3f} ms  "
               f"dense {row['dense_ms']:.3f} ms  ({row['sparse_over_dense']:.2f}x)", file=sys.stderr)
         out.append(row)
@@ -384,7 +210,7 @@ def conv_micro(args) -> list[dict]:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="vit_base_patch16_224", help="any timm model name (random init)")
+    p.add_argument("--model", default="vit_base_patch16_224", help="any timm or embedded model name (random init)")
     p.add_argument("--model-kwargs", type=json.loads, default={},
                    help='extra timm.create_model arguments as JSON, e.g. \'{"depth": 2}\'')
     p.add_argument("--batch", type=int, default=32)

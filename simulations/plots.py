@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from server.results import plot_rounds
+from server.recorder import plot_rounds
 
 
 def load_run(run_dir: str | Path) -> tuple[str, list[dict]]:

@@ -13,12 +13,23 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def task_identity():
     """flwr >= 1.38: Message(...) outside a runtime reads TaskIdentity; set it for every test."""
-    try:
-        from flwr.supercore.task_identity import TaskIdentity
-    except ImportError:  # flwr not installed: tests that need it will skip/fail on their own
+    from server.inprocess import task_identity as identity
+
+    with identity():
         yield
-        return
-    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory):
+    """A random-init copy of the embedded ViT as a local weights file: nothing pre-trains."""
+    import torch
+    from safetensors.torch import save_file
+
+    from common.models import create_model
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = create_model("taskedge-vit-tiny", num_classes=10)
+    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return str(path)

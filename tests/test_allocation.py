@@ -1,5 +1,4 @@
 """Budgets are spent to the entry, k per row, leftovers by score, nested masks, global ablation."""
-import numpy as np
 import pytest
 import torch
 

@@ -1,19 +1,25 @@
 """Federation building blocks without a federation: reconciliation, aggregation, validation, config."""
+import json
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from client.settings import DEFAULTS, METHOD_LR, parse_run_config
-from client.task import local_stats, mask_from_wire, mask_to_wire
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
 from common.allocation import allocate
 from common.config import TaskEdgeConfig
+from common.local import local_stats
 from common.models import create_model
+from common.settings import DEFAULTS, METHOD_LR, parse_run_config
 from common.stats import arrays_to_norms, collect_stats
 from common.tuner import build_mask, target_modules
-from server.aggregate import FedAvgMOpt, FedAvgOpt, Update, masked_mean
+from common.wire import carry_values, nested, packed_positions, put, take
+from server.aggregate import Update, masked_mean
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from server.reconcile import carry_values, packed_positions, stats_mask, vote_mask
+from server.reconcile import stats_mask, vote_mask
+from server.strategy import NestedFedAvgM, make_strategy
 
 
 @pytest.fixture(scope="module")
@@ -90,15 +96,18 @@ def test_packed_positions_and_carry():
             assert got == want
 
 
-def test_mask_wire_roundtrip():
-    scores = {"m": torch.rand(5, 7)}
-    mask = allocate(scores, 9, "neuron")
-    back = mask_from_wire(mask_to_wire(mask))
-    assert torch.equal(back.indices["m"], mask.indices["m"]) and back.shapes == mask.shapes
-    bad = mask_to_wire(mask)
-    bad["m.idx"] = bad["m.idx"][::-1].copy()
-    with pytest.raises(ValueError):
-        mask_from_wire(bad)
+def test_nested_share_take_put():
+    full = allocate({"m": torch.tensor([[3.0, 2.0, 1.0], [1.0, 5.0, 4.0]])}, 4, "neuron")  # ranks 0,1 per row
+    sub, pos = nested(full, 1)
+    # full mask, packed in ascending flat index: [0, 1, 4, 5]; rank 0 is row 0 col 0 and row 1 col 1
+    assert sub.indices["m"].tolist() == [0, 4] and pos.tolist() == [0, 2]
+    assert nested(full, 0)[1] is None and nested(full, 2)[1] is None  # rank 0 or >= depth: the whole mask
+    arrays = {"values": np.array([1, 2, 3, 4], np.float32), "head.weight": np.ones(2, np.float32)}
+    share = take(arrays, pos)
+    assert share["values"].tolist() == [1, 3]
+    back = put(arrays, {"values": np.array([10, 40], np.float32), "head.weight": np.zeros(2, np.float32)}, pos)
+    assert back["values"].tolist() == [10, 2, 40, 4] and back["head.weight"].tolist() == [0, 0]
+    assert arrays["values"].tolist() == [1, 2, 3, 4]  # the received arrays are not modified
 
 
 # ---------------------------------------------------------------- aggregation
@@ -128,16 +137,38 @@ def test_untrained_entries_keep_their_value():
     np.testing.assert_array_equal(only_zero["values"], cur["values"])
 
 
-def test_server_optimizers():
-    cur = {"v": np.array([1.0, 1.0], np.float32)}
-    avg = {"v": np.array([0.0, 5.0], np.float32)}
-    cov = {"v": np.array([1.0, 0.0])}
-    assert FedAvgOpt().step(cur, avg, cov)["v"].tolist() == [0.0, 5.0]  # coverage already folded into avg
-    m = FedAvgMOpt(lr=1.0, momentum=0.5)
-    out = m.step(cur, avg, cov)
-    assert out["v"].tolist() == [0.0, 1.0]  # uncovered entry untouched
-    out2 = m.step(out, {"v": np.array([-1.0, 1.0], np.float32)}, cov)
-    assert out2["v"].tolist() == [0.0 - (0.5 * 1.0 + 1.0), 1.0]
+class _Ranks:
+    """Stand-in for MaskDelivery: node 2 trains packed positions [0, 2] only."""
+
+    def positions(self, node):
+        return np.array([0, 2]) if node == 2 else None
+
+
+def _reply(values, head, n, node):
+    content = RecordDict({"arrays": ArrayRecord({"values": Array(np.asarray(values, np.float32)),
+                                                 "head": Array(np.asarray(head, np.float32))}),
+                          "metrics": MetricRecord({"num-examples": n, "train-loss": float(node)})})
+    return Message(content, reply_to=Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN))
+
+
+def test_nested_fedavgm_by_hand():
+    """Per-entry denominators, then Flower's FedAvgM momentum on the result (lr 1, momentum 0.5)."""
+    strategy = make_strategy(parse_run_config({"server-opt": "fedavgm", "server-momentum": 0.5}), None, nested=True)
+    assert isinstance(strategy, NestedFedAvgM)
+    strategy.delivery = _Ranks()
+    cur = ArrayRecord({"values": Array(np.zeros(4, np.float32)), "head": Array(np.ones(2, np.float32))})
+    strategy.current_global = strategy.current_arrays = cur
+    # node 1 trains everything (weight 1); node 2 only entries 0 and 2 (weight 3); its other entries are ignored
+    replies = [_reply([1, 2, 3, 4], [2, 2], 1, 1), _reply([5, 99, 7, 99], [4, 4], 3, 2)]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    avg = np.array([(1 + 15) / 4, 2, (3 + 21) / 4, 4])
+    np.testing.assert_allclose(arrays["values"].numpy(), avg)  # round 1: momentum = pseudo-gradient
+    np.testing.assert_allclose(arrays["head"].numpy(), [(2 + 12) / 4] * 2)
+    assert metrics["train-loss"] == pytest.approx((1 * 1 + 3 * 2) / 4)
+    strategy.current_global = arrays
+    second, _ = strategy.aggregate_train(2, [_reply(avg + 1, [3.5, 3.5], 1, 1)])
+    # pseudo-gradient -1 everywhere; momentum buffer 0.5 * (-avg) - 1; new = avg - buffer
+    np.testing.assert_allclose(second["values"].numpy(), avg - (0.5 * -avg - 1), rtol=1e-6)
 
 
 # ---------------------------------------------------------------- config
@@ -164,14 +195,17 @@ def test_checkpoint_roundtrip(tmp_path):
     np.testing.assert_array_equal(back.arrays["values"], ck.arrays["values"])
     assert torch.equal(back.mask.indices["m"], mask.indices["m"]) and torch.equal(back.mask.ranks["m"], mask.ranks["m"])
     np.testing.assert_array_equal(back.opt_state["values"], ck.opt_state["values"])
-    assert path.read_bytes()[:8]  # a plain safetensors file, no pickle anywhere
+    raw = path.read_bytes()  # a plain safetensors file: u64 header length, then a JSON header; no pickle
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    assert header["__metadata__"]["format"] == "taskedge-fl-checkpoint-1" and "global/values" in header
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------- client data
 def test_partitions_iid_and_dirichlet():
-    from client.data import load_local_data, partition_labels
+    from common.partition import load_local_data, partition_labels
     from common.data import get_task
 
     n = get_task("shapes-downstream").train_size

@@ -23,7 +23,7 @@ def test_run_simulation_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     from flwr.simulation import run_simulation
 
-    import client.settings as settings
+    import common.settings as settings
     import server.server_app as server_app
     from client.client_app import app as client_app
 

@@ -11,26 +11,18 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from client.client_app import app as client_app
-from client.data import load_local_data
-from client.settings import parse_run_config
 from common.config import TaskEdgeConfig
+from common.methods import get_arrays, method_model
 from common.models import create_model
+from common.partition import load_local_data
+from common.settings import parse_run_config
 from common.stats import collect_stats
 from common.tuner import build_mask, target_modules
+from common.wire import nested
 from server.inprocess import InProcessGrid
+from server.phases import statistics_phase
+from server.recorder import RoundLog
 from server.runner import run_federation
-from server.strategy import TaskEdgeStrategy
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    net = create_model("taskedge-vit-tiny", num_classes=10)
-    path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    return str(path)
 
 
 def _cfg(weights, tmp_path, **kw):
@@ -42,19 +34,18 @@ def _cfg(weights, tmp_path, **kw):
 
 def _run(cfg, nodes=3, **grid_kw):
     grid = InProcessGrid(client_app, nodes, cfg.to_dict(), **grid_kw)
-    strategy, summary = run_federation(grid, cfg)
-    return grid, strategy, summary
+    fed, summary = run_federation(grid, cfg)
+    return grid, fed, summary
 
 
-def _train_msgs(grid, rnd):
-    return [d for d in grid.delivered if d["type"] == "train" and d["group"] == str(rnd)]
+def _sent(grid, kind, rnd=None):
+    return [d for d in grid.delivered if d["type"] == kind and (rnd is None or d["round"] == rnd)]
 
 
-def test_strategy_mask_equals_pooled_client_calibration(weights, tmp_path):
+def test_statistics_phase_mask_equals_pooled_client_calibration(weights, tmp_path):
     cfg = _cfg(weights, tmp_path)
     grid = InProcessGrid(client_app, 3, cfg.to_dict())
-    strategy = TaskEdgeStrategy(cfg)
-    strategy.initialize(grid)
+    mask = statistics_phase(grid, cfg, sorted(grid.get_node_ids()), RoundLog())
     model = create_model("taskedge-vit-tiny", num_classes=10, weights=weights)
     tcfg = TaskEdgeConfig(budget=cfg.budget)
     batches = []
@@ -65,30 +56,32 @@ def test_strategy_mask_equals_pooled_client_calibration(weights, tmp_path):
     pooled = collect_stats(model, target_modules(model, tcfg), batches)
     central = build_mask(model, tcfg, {n: s.norm() for n, s in pooled.items()})
     for n in central.names():
-        assert torch.equal(strategy.mask.indices[n], central.indices[n]), n
+        assert torch.equal(mask.indices[n], central.indices[n]), n
 
 
 def test_wire_format_and_results(weights, tmp_path):
     cfg = _cfg(weights, tmp_path)
-    grid, strategy, summary = _run(cfg)
-    head = sum(v.size for k, v in strategy.global_arrays.items() if k != "values")
-    bound = 4 * (strategy.mask.num_entries + head)
-    r1, r2 = _train_msgs(grid, 1), _train_msgs(grid, 2)
-    assert all("mask" in d["records"] for d in r1)  # indices go down once ...
-    assert not any("mask" in d["records"] for d in r2)  # ... and never again
-    for d in r1 + r2:  # values only, up and down, within a small framing constant
+    grid, fed, summary = _run(cfg)
+    head = sum(v.size for k, v in fed.arrays.items() if k != "values")
+    bound = 4 * (fed.mask.num_entries + head)
+    masks = _sent(grid, "query.mask")
+    assert sorted(d["node"] for d in masks) == sorted(grid.contexts)  # indices go down once per node ...
+    r1, r2 = _sent(grid, "train", 1), _sent(grid, "train", 2)
+    assert len(r1) == len(r2) == 3
+    for d in r1 + r2:  # ... and never with the values: one ArrayRecord, one ConfigRecord, fixed length
+        assert d["records"] == ["arrays", "config"]
         assert bound <= d["up"] <= bound + 1024
-    for d in r2:
-        assert bound <= d["down"] <= bound + 512
-    assert all("setup" in d["records"] for d in r1) and not any("setup" in d["records"] for d in r2)
+        assert bound <= d["down"] <= bound + 1024
+    assert len({d["up"] for d in r1 + r2}) == 1  # the same payload size from every node
     assert 1.0 <= summary["bound_ratio"] < 1.05
-    run = strategy.run_dir
+    run = fed.run_dir
     for f in ("results.json", "rounds.csv", "accuracy.png", "checkpoint.safetensors", "final_model.safetensors",
               "config.json"):
         assert (run / f).is_file(), f
     doc = json.loads((run / "results.json").read_text())
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
     assert doc["summary"]["rounds"] == 2 and doc["rounds"][2]["bytes_up"] == sum(d["up"] for d in r2)
+    assert doc["rounds"][0]["query_bytes_down"] == sum(d["down"] for d in grid.delivered if d["type"].startswith("query"))
     from safetensors.torch import load_file
 
     plain = create_model("taskedge-vit-tiny", num_classes=10)
@@ -97,27 +90,31 @@ def test_wire_format_and_results(weights, tmp_path):
 
 def test_rereconciliation_resends_mask(weights, tmp_path):
     cfg = _cfg(weights, tmp_path, reconcile_every=1, num_server_rounds=2, server_test_size=0, fraction_evaluate=0.0)
-    grid, strategy, _ = _run(cfg)
-    assert [d["type"] for d in grid.delivered].count("query.stats") == 3 * 2
-    assert all("mask" in d["records"] for d in _train_msgs(grid, 2))
-    assert strategy.mask_version == 2
+    grid, fed, summary = _run(cfg)
+    assert len(_sent(grid, "query.stats")) == 3 * 2 and len(_sent(grid, "query.mask")) == 3 * 2
+    assert fed.mask_version == 2 and summary["rounds"] == 2
+    assert [r["mask_version"] for r in fed.history] == [1, 1, 2]
 
 
 def test_lost_client_state_is_dropped_then_healed(weights, tmp_path):
     cfg = _cfg(weights, tmp_path, num_server_rounds=3, server_test_size=0, fraction_evaluate=0.0)
     grid = InProcessGrid(client_app, 2, cfg.to_dict())
     node = sorted(grid.contexts)[1]
+    seen = []
 
     def forget(nid, reply):
-        if nid == node and reply.metadata.group_id == "1":
-            grid.contexts[nid].state = RecordDict()  # e.g. the device restarted after round 1
+        if nid == node and reply.metadata.message_type == "train":
+            seen.append(nid)
+            if len(seen) == 1:
+                grid.contexts[nid].state = RecordDict()  # e.g. the device restarted after round 1
         return reply
 
     grid.tamper = forget
-    strategy, _ = run_federation(grid, cfg)
-    reasons = [d["reason"] for d in strategy.dropped]
-    assert len(reasons) == 1 and "must resend" in reasons[0]
-    assert all("mask" in d["records"] for d in _train_msgs(grid, 3) if d["node"] == node)
+    fed, _ = run_federation(grid, cfg)
+    reasons = [d["reason"] for d in fed.dropped]
+    assert len(reasons) == 1 and "must resend" in reasons[0] and fed.dropped[0]["round"] == 2
+    assert [d["node"] for d in _sent(grid, "query.mask")].count(node) == 2  # re-delivered before round 3
+    assert fed.history[-1]["replies"] == 2
 
 
 def _tamper_factory(kinds):
@@ -148,12 +145,12 @@ def test_bad_replies_are_dropped_with_a_reason(weights, tmp_path):
     grid = InProcessGrid(client_app, 6, cfg.to_dict())
     ids = sorted(grid.contexts)
     grid.tamper = _tamper_factory(dict(zip(ids, ["length", "nan", "dtype", "key", "examples"])))
-    strategy, summary = run_federation(grid, cfg)
-    reasons = sorted(d["reason"] for d in strategy.dropped)
+    fed, summary = run_federation(grid, cfg)
+    reasons = sorted(d["reason"] for d in fed.dropped)
     assert len(reasons) == 5
     for needle in ("length", "NaN/Inf", "dtype float64", "unknown key 'extra'", "non-negative integer"):
         assert any(needle in r for r in reasons), (needle, reasons)
-    rec = strategy.history[-1]
+    rec = fed.history[-1]
     assert rec["replies"] == 1 and not rec["skipped"] and summary["rounds"] == 1
 
 
@@ -161,58 +158,56 @@ def test_too_few_valid_replies_skip_the_round(weights, tmp_path):
     cfg = _cfg(weights, tmp_path, num_server_rounds=1, fraction_evaluate=0.0, server_test_size=0, min_replies=2)
     grid = InProcessGrid(client_app, 2, cfg.to_dict())
     grid.tamper = _tamper_factory({sorted(grid.contexts)[0]: "nan"})
-    strategy = TaskEdgeStrategy(cfg)
-    initial = strategy.initialize(grid)
-    before = {k: v.copy() for k, v in strategy.global_arrays.items()}
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=1, evaluate_fn=strategy.central_evaluate)
-    assert strategy.history[-1]["skipped"] and strategy.history[-1]["replies"] == 1
-    for k, v in before.items():
-        np.testing.assert_array_equal(strategy.global_arrays[k], v)
+    fed, _ = run_federation(grid, cfg)
+    assert fed.history[-1]["skipped"] and fed.history[-1]["replies"] == 1
+    initial = get_arrays("taskedge", method_model(cfg, fed.mask))  # zero deltas + the pre-trained head
+    for k, v in initial.items():
+        np.testing.assert_array_equal(fed.arrays[k], v)
 
 
 def test_heterogeneous_budgets_train_nested_subsets(weights, tmp_path):
-    # node 0: full mask; node 1: rank-0 entries only (budget-rank 1)
+    """Node 0 trains the full mask, node 1 only the rank-0 entries; both send full-length vectors,
+    and the new global value of every entry is the weighted mean over the nodes that trained it."""
     cfg = _cfg(weights, tmp_path, num_server_rounds=1, budget_ranks="0,1", fraction_evaluate=0.0,
                server_test_size=0, budget=0.02)
     grid = InProcessGrid(client_app, 2, cfg.to_dict())
-    strategy = TaskEdgeStrategy(cfg)
-    strategy.initialize(grid)
     full, small = sorted(grid.contexts)
-    assert strategy.node_rank == {full: 0, small: 1}
-    before = strategy.global_arrays["values"].copy()
-    msgs = {m.metadata.dst_node_id: m for m in strategy.configure_train(1, None, None, grid)}
-    v_small = strategy._view(small)
-    assert len(msgs[small].content["arrays"]["values"].numpy()) == strategy.mask.subset(1).num_entries
-    assert len(msgs[full].content["arrays"]["values"].numpy()) == strategy.mask.num_entries
-    assert msgs[small].content["mask"]["blocks.0.mlp.fc1.idx"].numpy().size < \
-        msgs[full].content["mask"]["blocks.0.mlp.fc1.idx"].numpy().size
+    replies = {}
 
-    def reply(m, values, n):
-        arrays = {k: v.numpy() for k, v in m.content["arrays"].items()}
-        arrays["values"] = np.full_like(arrays["values"], values)
-        return Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                                   "metrics": MetricRecord({"num-examples": n})}), reply_to=m)
+    def keep(nid, reply):
+        if reply.metadata.message_type == "train":
+            replies[nid] = ({k: v.numpy() for k, v in reply.content["arrays"].items()},
+                            reply.content["metrics"]["num-examples"])
+        return reply
 
-    strategy.aggregate_train(1, [reply(msgs[full], 1.0, 10), reply(msgs[small], 4.0, 30)])
-    after = strategy.global_arrays["values"]
-    shared = np.zeros(len(before), bool)
-    shared[v_small.positions] = True
-    np.testing.assert_allclose(after[shared], (1.0 * 10 + 4.0 * 30) / 40)  # both trained these
-    np.testing.assert_allclose(after[~shared], 1.0)  # only the full-budget node trained these
-    assert (~shared).any()
+    grid.tamper = keep
+    fed, _ = run_federation(grid, cfg)
+    assert fed.node_rank == {full: 0, small: 1}
+    pos = nested(fed.mask, 1)[1]
+    assert 0 < len(pos) < fed.mask.num_entries
+    (v_full, n_full), (v_small, n_small) = replies[full], replies[small]
+    assert v_full["values"].shape == v_small["values"].shape == (fed.mask.num_entries,)
+    others = np.setdiff1d(np.arange(fed.mask.num_entries), pos)
+    np.testing.assert_array_equal(v_small["values"][others], 0.0)  # untrained: the values it was sent
+    after = fed.arrays["values"]
+    want = (v_full["values"][pos].astype(np.float64) * n_full + v_small["values"][pos] * n_small) / (n_full + n_small)
+    np.testing.assert_allclose(after[pos], want, rtol=1e-5, atol=1e-8)  # float32 storage
+    np.testing.assert_array_equal(after[others], v_full["values"][others])  # only the full node trained these
+    head_want = (v_full["head.weight"] * n_full + v_small["head.weight"] * n_small) / (n_full + n_small)
+    np.testing.assert_allclose(fed.arrays["head.weight"], head_want, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("method", ["fedavg-full", "fedlora"])
 def test_baselines_run_and_count_bytes(weights, tmp_path, method):
     cfg = _cfg(weights, tmp_path, method=method, num_server_rounds=1, fraction_evaluate=0.0)
-    grid, strategy, summary = _run(cfg, nodes=2)
-    entries = sum(v.size for v in strategy.global_arrays.values())
-    assert not any(d["type"] == "query.stats" for d in grid.delivered)
-    assert 4 * entries <= summary["upload_bytes_per_client_round"] <= 4 * entries + 256 * len(strategy.global_arrays) + 256
+    grid, fed, summary = _run(cfg, nodes=2)
+    entries = sum(v.size for v in fed.arrays.values())
+    assert not any(d["type"].startswith("query") for d in grid.delivered)
+    assert 4 * entries <= summary["upload_bytes_per_client_round"] <= 4 * entries + 256 * len(fed.arrays) + 256
     if method == "fedavg-full":
         assert entries == sum(p.numel() for p in create_model("taskedge-vit-tiny", num_classes=10).parameters())
     else:
-        assert all("lora_" in k or "head" in k for k in strategy.global_arrays)
+        assert all("lora_" in k or "head" in k for k in fed.arrays)
 
 
 def test_vote_mode_and_resume(weights, tmp_path):

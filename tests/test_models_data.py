@@ -14,6 +14,7 @@ from torch import nn
 
 from common import data as D
 from common import models as M
+from common.tuner import find_head
 
 
 @pytest.fixture
@@ -140,7 +141,7 @@ def test_load_image_folder_missing(tmp_path):
 def test_embedded_vit_has_taskedge_targets():
     model = M.create_model("taskedge-vit-tiny", num_classes=7)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
-    assert M.head_name(model) == "head"
+    assert find_head(model) == "head"
     linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     assert {"qkv", "proj", "fc1", "fc2", "head"} <= linear
 
@@ -156,7 +157,7 @@ def test_embedded_models_are_registered_with_timm():
 def test_embedded_mobilenet_builds():
     model = M.create_model("taskedge-mobilenet-tiny", num_classes=4)
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
-    assert M.head_name(model) == "head"
+    assert find_head(model) == "head"
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert any(c.groups == c.in_channels > 1 for c in convs)  # depthwise
     assert any(c.kernel_size == (1, 1) for c in convs)  # pointwise
@@ -164,7 +165,7 @@ def test_embedded_mobilenet_builds():
 
 def test_any_timm_name_works():
     model = M.create_model("resnet18", num_classes=3).eval()
-    assert M.head_name(model) == "fc"
+    assert find_head(model) == "fc"
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 3)
 
 
@@ -218,7 +219,7 @@ def test_non_head_mismatch_is_an_error(tmp_path):
 
 def test_pth_loading_refuses_pickled_objects(tmp_path):
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": object()}, tmp_path / "evil.pth")
-    with pytest.raises(Exception):  # weights_only=True rejects arbitrary objects
+    with pytest.raises(ValueError, match=r"evil\.pth holds pickled Python objects; only plain tensors"):
         M.load_weights(M.create_model("taskedge-vit-tiny", num_classes=2), tmp_path / "evil.pth")
 
 

@@ -46,7 +46,7 @@ def test_linear_value_grad_matches_dense(per_row):
 @pytest.mark.parametrize("kw", [
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
     dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1, dilation=1),
-    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding="same" if False else 2, dilation=2),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=2, dilation=2),
     dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2),
     dict(in_channels=6, out_channels=6, kernel_size=3, padding=1, groups=6),
     dict(in_channels=6, out_channels=12, kernel_size=3, padding=1, groups=6),

@@ -9,8 +9,9 @@ from common.allocation import Mask
 from common.config import TaskEdgeConfig
 from common.layers import SparseDeltaConv2d, SparseDeltaLinear
 from common.train import make_optimizer
-from common.tuner import (apply_mask, count_trainable, delta_layers, extract, find_head,
-                          get_taskedge_model, load, merge_and_unload, target_modules)
+from common.tuner import (apply_mask, count_trainable, delta_layers, find_head, get_taskedge_model,
+                          merge_and_unload, target_modules)
+from common.wire import extract, load
 
 
 def tiny_vit(num_classes=5):
@@ -97,11 +98,29 @@ def test_optimizer_state_only_for_values_and_head():
 
 
 def test_budget_ablations_and_global_mode_run():
+    # the budget is a fraction of the backbone (every parameter but the head), rounded to entries
+    backbone = sum(p.numel() for n, p in tiny_vit().named_parameters() if not n.startswith("head."))
+    chosen = {}
     for score in ("magnitude", "activation", "random"):
         model, mask = get_taskedge_model(tiny_vit(), TaskEdgeConfig(budget=0.01, score=score), _calib())
-        assert mask.num_entries == count_trainable(model)["delta"]
-    model, mask = get_taskedge_model(tiny_vit(), TaskEdgeConfig(budget=0.01, allocation="global"), _calib())
-    assert mask.num_entries == count_trainable(model)["delta"]
+        assert mask.num_entries == count_trainable(model)["delta"] == round(0.01 * backbone)
+        chosen[score] = {(n, i) for n in mask.names() for i in mask.indices[n].tolist()}
+    # the scores rank entries differently, so each pair of masks differs somewhere
+    for a, b in (("magnitude", "activation"), ("magnitude", "random"), ("activation", "random")):
+        assert chosen[a] != chosen[b], (a, b)
+
+    def per_row(mask):  # entries each output row (neuron) got, over all target modules
+        return torch.cat([torch.bincount(mask.indices[n] // mask.shapes[n][1], minlength=mask.shapes[n][0])
+                          for n in mask.names()])
+
+    count = round(0.05 * backbone)  # large enough that the neuron level gives every row >= 1 entry
+    _, neuron = get_taskedge_model(tiny_vit(), TaskEdgeConfig(budget=0.05), _calib())
+    _, top = get_taskedge_model(tiny_vit(), TaskEdgeConfig(budget=0.05, allocation="global"), _calib())
+    assert neuron.num_entries == top.num_entries == count
+    k = count // per_row(neuron).numel()
+    assert k >= 1
+    assert int(per_row(neuron).min()) >= k  # TaskEdge: every neuron gets its top-k
+    assert int(per_row(top).min()) < k  # global top-k starves some neurons
 
 
 def test_nm_mode_keeps_merged_weight_n_m_sparse():

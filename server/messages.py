@@ -1,4 +1,4 @@
-"""Message building blocks and byte accounting from the real records.
+"""Message helpers of the ServerApp: records from arrays, byte accounting, waiting for nodes.
 
 Bytes are counted with the records' own `count_bytes()` (array payloads incl. the small
 numpy header, keys, 8 B per metric/config scalar), summed over every record of a message's
@@ -7,7 +7,7 @@ content: what the server sent down and what a client sent back up.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
@@ -42,5 +42,19 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float = 600.0) -> list[i
     return nodes
 
 
-def by_source(replies: Iterable[Message]) -> dict[int, Message]:
-    return {int(r.metadata.src_node_id): r for r in replies}
+def match_replies(sent: list[Message], replies: Iterable[Message],
+                  drop: Callable[[int, str], None]) -> dict[int, Message]:
+    """Replies by the node they answer, matched on `reply_to_message_id` (not on the source id:
+    the SuperLink answers for a lost node with an error reply from its own id). At most one reply
+    per node; a reply to nothing this phase sent, or a second one, is dropped with a reason."""
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    got: dict[int, Message] = {}
+    for r in replies:
+        nid = asked.get(r.metadata.reply_to_message_id)
+        if nid is None:
+            drop(int(r.metadata.src_node_id), "reply to a message this phase did not send")
+        elif nid in got:
+            drop(nid, "second reply in one phase (the first one is kept)")
+        else:
+            got[nid] = r
+    return got

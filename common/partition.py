@@ -1,4 +1,4 @@
-"""A client's local data: its partition (simulation) or its own folder (deployment).
+"""A node's local data: its partition (simulation) or its own folder (deployment); the server's test split.
 
 Simulation partitions the task's training split with a flwr-datasets partitioner (IID or
 Dirichlet label skew), exactly as a Flower example would with a hub dataset, but over the
@@ -13,7 +13,8 @@ from functools import lru_cache
 
 import torch
 
-from common.data import get_task, load_image_folder, make_split, to_hf_dataset
+from common.settings import AppConfig
+from common.data import from_hf_dataset, get_task, load_image_folder, make_split, to_hf_dataset
 
 
 @dataclass
@@ -69,12 +70,22 @@ def load_local_data(task: str, partition_id: int, num_partitions: int, *, partit
     else:
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-        from common.data import from_hf_dataset
+
 
         ds = _partitioned(task, partitioner, num_partitions, float(alpha), seed).load_partition(partition_id)
         x, y = from_hf_dataset(ds)
     x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed * 7919 + partition_id)
     return LocalData(x_tr, y_tr, x_te, y_te, min(calib_size, len(x_tr)))
+
+
+def node_data(cfg: AppConfig, node_config: dict) -> LocalData:
+    """A node's data from the run config and its node config (`partition-id`, `num-partitions`,
+    optional `data-path`); the run config's `num-partitions`, when set, wins over the node's."""
+    pid = int(node_config.get("partition-id", 0))
+    parts = cfg.num_partitions or int(node_config.get("num-partitions", 1))
+    return load_local_data(cfg.task, pid, parts, partitioner=cfg.partitioner, alpha=cfg.alpha, seed=cfg.seed,
+                           test_fraction=cfg.test_fraction, calib_size=cfg.calib_size,
+                           data_path=str(node_config.get("data-path", "")))
 
 
 @lru_cache(maxsize=2)

@@ -1,15 +1,14 @@
-"""The three federated methods behind one small interface, shared by client and server.
+"""The method registry: the three federated methods behind one small interface, for both apps.
 
-Every method reduces to "a dict of float32 arrays that travels" (the wire form):
+Every method reduces to "a dict of float32 arrays that travels":
 
-- taskedge:    {"values": all masked entries, concatenated in mask order (modules sorted by
-               name, ascending flat index)} + the dense head ("head.weight", ...). One packed
-               vector keeps the per-array framing constant, so an upload is ~4 B x entries.
+- taskedge:    `common.wire.pack` — the packed `values` vector of the global mask + the dense head.
 - fedlora:     HF peft LoRA (r, alpha=2r) adapters on the same target modules + the head.
 - fedavg-full: every floating-point entry of the state dict.
 
-The server builds its own model with the same functions, for the initial arrays,
-centralised evaluation and the final merged export. No Flower imports here.
+`method_model` is the one place that turns a run configuration (and a mask) into the trainable
+model; the server builds its own copy with it for the initial arrays, centralised evaluation and
+the final merged export. No Flower imports here.
 """
 from __future__ import annotations
 
@@ -23,10 +22,9 @@ from torch import nn
 
 from common.allocation import Mask
 from common.config import TaskEdgeConfig
-from common.tuner import apply_mask, delta_layers, extract, find_head, load, merge_and_unload, target_modules
-
-PACKED = "values"
-Arrays = "OrderedDict[str, np.ndarray]"
+from common.tuner import apply_mask, find_head, merge_and_unload, target_modules
+from common.settings import AppConfig
+from common.wire import Arrays, pack, unpack
 
 
 @lru_cache(maxsize=2)
@@ -74,36 +72,30 @@ def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None 
     raise ValueError(f"unknown method {method!r}")
 
 
-def module_sizes(model: nn.Module) -> "OrderedDict[str, int]":
-    """Entries per sparse-delta module, in the packed order."""
-    return OrderedDict((n, int(m.values.numel())) for n, m in delta_layers(model).items())
+def method_model(cfg: AppConfig, mask: Mask | None = None) -> nn.Module:
+    """The trainable model of `cfg.method` on a fresh copy of the pre-trained backbone."""
+    from common.data import get_task
+
+    base = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+    return build(cfg.method, base, cfg.taskedge_config(), mask, cfg.lora_rank, cfg.seed)
 
 
 def get_arrays(method: str, model: nn.Module) -> Arrays:
     """The wire form of what this method trains (float32, C-contiguous)."""
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
     if method == "taskedge":
-        flat = extract(model, indices=False)
-        vals = [v for k, v in flat.items() if k.endswith(".values")]
-        out[PACKED] = np.concatenate(vals).astype(np.float32) if vals else np.zeros(0, np.float32)
-        out.update((k, v) for k, v in flat.items() if not k.endswith(".values"))
-    elif method == "fedlora":
+        return pack(model)
+    if method == "fedlora":
         from peft import get_peft_model_state_dict
 
-        out.update((k, v.detach().cpu().numpy()) for k, v in get_peft_model_state_dict(model).items())
+        sd = get_peft_model_state_dict(model)
     else:
-        out.update((k, v.detach().cpu().numpy()) for k, v in model.state_dict().items() if v.is_floating_point())
-    return OrderedDict((k, np.ascontiguousarray(v, dtype=np.float32)) for k, v in out.items())
-
-
-def array_specs(method: str, model: nn.Module) -> "OrderedDict[str, tuple[int, ...]]":
-    """Expected key -> shape of the wire form (what a valid reply must look like)."""
-    return OrderedDict((k, v.shape) for k, v in get_arrays(method, model).items())
+        sd = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    return OrderedDict((k, np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32)) for k, v in sd.items())
 
 
 def set_arrays(method: str, model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
     """Inverse of `get_arrays`; checks keys and shapes before writing anything."""
-    specs = array_specs(method, model)
+    specs = OrderedDict((k, v.shape) for k, v in get_arrays(method, model).items())
     if set(arrays) != set(specs):
         raise ValueError(f"arrays do not match the model: missing {sorted(set(specs) - set(arrays))[:4]}, "
                          f"unexpected {sorted(set(arrays) - set(specs))[:4]}")
@@ -111,11 +103,7 @@ def set_arrays(method: str, model: nn.Module, arrays: dict[str, np.ndarray]) -> 
         if tuple(np.shape(arrays[k])) != tuple(shape):
             raise ValueError(f"'{k}': expected shape {tuple(shape)}, got {np.shape(arrays[k])}")
     if method == "taskedge":
-        sizes = module_sizes(model)
-        parts = np.split(np.asarray(arrays[PACKED]), np.cumsum(list(sizes.values()))[:-1]) if sizes else []
-        flat = {f"{n}.values": p for n, p in zip(sizes, parts)}
-        flat.update((k, v) for k, v in arrays.items() if k != PACKED)
-        load(model, flat)
+        unpack(model, arrays)
     elif method == "fedlora":
         from peft import set_peft_model_state_dict
 

@@ -1,4 +1,4 @@
-"""Run configuration of the Flower app: defaults, types and validation in one place.
+"""Run configuration of the federation: defaults, types and validation in one place (shared by both apps).
 
 `flwr run` fills `context.run_config` from `[tool.flwr.app.config]` in pyproject.toml, but
 `flwr.simulation.run_simulation` leaves it empty, so every key also has a default here. Both
@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from common.config import ALLOCATIONS, SCORES, TaskEdgeConfig
+
 METHODS = ("taskedge", "fedavg-full", "fedlora")
 PARTITIONERS = ("iid", "dirichlet")
 RECONCILE = ("stats", "vote")
-SCORES = ("taskedge", "magnitude", "activation", "random")
-ALLOCATIONS = ("neuron", "global")
 SERVER_OPTS = ("fedavg", "fedavgm")
 
 # AdamW learning rates per method, the best of a small sweep (5 clients x 5 rounds x 2 local epochs,
@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "server-lr": 1.0,
     "server-momentum": 0.9,
     "round-timeout": 600.0,
+    "client-threads": 1,             # torch threads per ClientApp (node config "num-threads" wins)
     "seed": 0,
     "output-dir": "runs",            # run folder = output-dir/<timestamp>-<method>
     "resume": "",                    # checkpoint.safetensors (or its run folder) to continue from
@@ -62,7 +63,7 @@ DEFAULTS: dict[str, Any] = {
 # server's run config is the single source of truth (run_simulation gives clients no run config).
 CLIENT_KEYS = ("method", "model", "weights-path", "task", "partitioner", "alpha", "num-partitions", "seed",
                "calib-size", "test-fraction", "lora-rank", "budget-ranks", "local-epochs", "batch-size", "lr",
-               "budget", "score", "allocation", "reconcile")
+               "budget", "score", "allocation", "reconcile", "client-threads")
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class AppConfig:
     server_lr: float
     server_momentum: float
     round_timeout: float
+    client_threads: int
     seed: int
     output_dir: str
     resume: str
@@ -110,6 +112,11 @@ class AppConfig:
         defaults, and flwr 1.41's ConfigRecord.count_bytes() raises on an empty string."""
         d = self.to_dict()
         return {k: d[k] for k in CLIENT_KEYS if d[k] != ""}
+
+    def taskedge_config(self) -> TaskEdgeConfig:
+        """The TaskEdge selection part (a budget >= 1 is an entry count)."""
+        budget = int(self.budget) if self.budget >= 1 else self.budget
+        return TaskEdgeConfig(budget=budget, score=self.score, allocation=self.allocation, seed=self.seed)
 
     def ranks_for(self, partition_id: int) -> int:
         """Budget rank of a simulated partition from `budget-ranks` (cycled; 0 = full mask)."""
@@ -147,7 +154,7 @@ def _check(cfg: dict[str, Any]) -> None:
         if cfg[key] not in allowed:
             raise _bad(key, f"must be one of {', '.join(allowed)}", cfg[key])
     positive = ("alpha", "num-server-rounds", "min-nodes", "min-replies", "local-epochs", "batch-size",
-                "budget", "lora-rank", "calib-size", "server-lr", "round-timeout")
+                "budget", "lora-rank", "calib-size", "server-lr", "round-timeout", "client-threads")
     for key in positive:
         if not cfg[key] > 0:
             raise _bad(key, "must be > 0", cfg[key])

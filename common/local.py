@@ -1,0 +1,39 @@
+"""What one node computes, as plain functions (no Flower imports): statistics, vote, train, eval.
+
+The ClientApp handlers only unpack messages, call these and pack the replies, so the same code
+runs in simulation, in deployment and in the in-process federation of tests and benchmarks; the
+server's centralised evaluation uses `local_eval` too.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import TaskEdgeConfig
+from common.stats import arrays_to_norms, collect_stats, stats_to_arrays
+from common.train import evaluate, train_epochs
+from common.tuner import build_mask, target_modules
+
+
+def local_stats(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
+    """Calibration pass through the frozen backbone: '<module>.ss' (float64) and '<module>.n' (int64)."""
+    batches = [x_calib[i:i + batch_size] for i in range(0, len(x_calib), batch_size)]
+    return stats_to_arrays(collect_stats(model, target_modules(model, tcfg), batches))
+
+
+def local_vote(model: nn.Module, tcfg: TaskEdgeConfig, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """This node's own top-k mask ('<module>.idx'), for `vote` reconciliation."""
+    mask = build_mask(model, tcfg, arrays_to_norms(stats))
+    return {f"{n}.idx": mask.indices[n].numpy().astype(np.int64) for n in mask.names()}
+
+
+def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
+                lr: float, seed: int) -> dict[str, float]:
+    """E local epochs of AdamW on what the method left trainable (values + head for taskedge)."""
+    torch.manual_seed(seed)
+    return train_epochs(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+
+
+def local_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    return evaluate(model, x, y) if len(x) else {"loss": 0.0, "acc": 0.0, "examples": 0}

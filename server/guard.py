@@ -1,0 +1,96 @@
+"""A strategy wrapper that lets only valid replies through, and books every round's traffic.
+
+Flower's FedAvg checks neither shapes nor finiteness (a ragged reply is silently broadcast into
+garbage) and its DP wrappers refuse a round with any error reply, so every reply is checked here
+first, against what the server sent this round: replies matched to their message, at most one
+per node, exact keys, dtype, shape, finite values, a sane example count (server/validate.py).
+A bad reply is dropped with a reason in the run's results; with fewer than `min-replies` valid
+replies the round is skipped and the global state stays as it was. It wraps any Strategy, like
+Flower's DP wrappers do, so it composes with them: `ReplyGuard(DifferentialPrivacy…(strategy))`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from . import validate
+from .messages import content_bytes, match_replies, message_bytes
+from .recorder import RoundLog
+
+
+class ReplyGuard(Strategy):
+    def __init__(self, strategy: Strategy, log: RoundLog, min_replies: int = 1,
+                 on_failure: Callable[[int], None] | None = None):
+        self.strategy, self.log, self.min_replies = strategy, log, min_replies
+        self.on_failure = on_failure  # e.g. MaskDelivery.forget: a failed node may have lost its state
+        self._sent: list[Message] = []
+        self._specs: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def _book(self, messages: Iterable[Message], prefix: str) -> list[Message]:
+        self._sent = list(messages)
+        down = [content_bytes(m.content) for m in self._sent]
+        self.log.set(**{f"{prefix}bytes_down": sum(down)})
+        return self._sent
+
+    def _valid(self, replies: Iterable[Message], phase: str, check: Callable[[Message], object]) -> list:
+        """(node, reply, checked) of every valid reply; every other one dropped with its reason."""
+        drop = lambda nid, why: self.log.drop(nid, f"{phase}: {why}")  # noqa: E731
+        got = match_replies(self._sent, replies, drop)
+        self.log.set(**{("eval_bytes_up" if phase == "evaluation" else "bytes_up"):
+                        sum(message_bytes(r) for r in got.values())})
+        out = []
+        for m in self._sent:
+            nid = m.metadata.dst_node_id
+            try:
+                if nid not in got:
+                    raise validate.BadReply("no reply before the timeout")
+                out.append((nid, got[nid], check(got[nid])))
+            except validate.BadReply as exc:
+                drop(nid, str(exc))
+                if self.on_failure is not None and (nid not in got or got[nid].has_error()):
+                    self.on_failure(nid)
+        return out
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._specs = {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
+        msgs = self._book(self.strategy.configure_train(server_round, arrays, config, grid), "")
+        entries = sum(int(np.prod(s)) for s, _ in self._specs.values())
+        self.log.set(sent=len(msgs), bytes_down_per_client=float(np.mean([content_bytes(m.content) for m in msgs]))
+                     if msgs else 0.0, bound_bytes_per_client=4.0 * entries)
+        self.log.info("Round %d: training on %d nodes", self.log.round, len(msgs))
+        return msgs
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid = self._valid(replies, "training", lambda r: validate.train_reply(r, self._specs))
+        self.log.set(replies=len(valid), bytes_up_per_client=float(np.mean([message_bytes(r) for _, r, _ in valid]))
+                     if valid else 0.0)
+        if len(valid) < self.min_replies:
+            self.log.info("Round %d skipped: %d valid training replies, min-replies=%d", self.log.round, len(valid),
+                          self.min_replies)
+            self.log.set(skipped=True)
+            return None, None
+        arrays, metrics = self.strategy.aggregate_train(server_round, [r for _, r, _ in valid])
+        if metrics is not None:
+            self.log.set(train_loss=metrics.get("train-loss"), train_acc=metrics.get("train-acc"))
+        return arrays, metrics
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._book(self.strategy.configure_evaluate(server_round, arrays, config, grid), "eval_")
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        valid = self._valid(replies, "evaluation", validate.eval_reply)
+        if not valid:
+            return None
+        metrics = self.strategy.aggregate_evaluate(server_round, [r for _, r, _ in valid])
+        if metrics is not None:
+            self.log.set(fed_loss=metrics.get("eval-loss"), fed_acc=metrics.get("eval-acc"))
+        return metrics

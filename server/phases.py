@@ -1,0 +1,115 @@
+"""The query phases of a TaskEdge run, outside `Strategy.start`: statistics and mask delivery.
+
+* Statistics (`query.stats`): every connected node returns the sums of squares of its calibration
+  activations (and its local top-k for `vote`); the server reconciles them into one global mask
+  (server/reconcile.py). Runs before training and again every `reconcile-every` rounds.
+* Mask delivery (`query.mask`): the mask's indices and ranks go down once per mask version; the
+  node keeps them in its state and answers with its budget rank, from which the server derives
+  the entries it trains (`common.wire.nested`). Nodes that join later, or that lost their state,
+  get the mask when they are first sampled.
+Every reply is validated; a bad one is dropped with a reason in the run's results.
+"""
+from __future__ import annotations
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.allocation import Mask
+from common.methods import base_model
+from common.settings import AppConfig
+from common.stats import FeatureStats
+from common.tuner import target_modules
+from common.wire import nested
+
+from . import validate
+from .messages import array_record, content_bytes, match_replies, message_bytes
+from .reconcile import stats_mask, vote_mask
+from .recorder import RoundLog
+
+
+def _base(cfg: AppConfig):
+    from common.data import get_task
+
+    return base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+
+
+def _send(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, nodes: list[int], kind: str) -> dict:
+    """One query to `nodes`; replies by node, with the bytes booked to the next round record."""
+    msgs = [Message(content, dst_node_id=n, message_type=f"query.{kind}", group_id=kind) for n in nodes]
+    log.add(query_bytes_down=sum(content_bytes(m.content) for m in msgs))
+    replies = match_replies(msgs, grid.send_and_receive(msgs, timeout=cfg.round_timeout),
+                            lambda nid, why: log.drop(nid, f"{kind}: {why}"))
+    log.add(query_bytes_up=sum(message_bytes(r) for r in replies.values()))
+    return replies
+
+
+def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -> Mask | None:
+    """Ask `nodes` for statistics and reconcile them; None when fewer than min-replies were valid."""
+    base, tcfg = _base(cfg), cfg.taskedge_config()
+    targets = target_modules(base, tcfg)
+    specs = {}
+    for name, mod in targets.items():
+        specs[f"{name}.ss"] = (tuple(FeatureStats(mod).ss.shape), "float64")
+        specs[f"{name}.n"] = ((1,), "int64")
+    vote_specs = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
+    replies = _send(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "stats")
+    stats, votes = [], []
+    for nid in nodes:
+        try:
+            if nid not in replies:
+                raise validate.BadReply("no reply before the timeout")
+            st, vt, _ = validate.stats_reply(replies[nid], specs, vote_specs)
+        except validate.BadReply as exc:
+            log.drop(nid, f"statistics: {exc}")
+            continue
+        stats.append(st)
+        votes.append(vt)
+    log.info("Statistics phase: %d/%d valid replies", len(stats), len(nodes))
+    if len(stats) < cfg.min_replies:
+        return None
+    return stats_mask(base, tcfg, stats) if cfg.reconcile == "stats" else vote_mask(base, tcfg, stats, votes)
+
+
+class MaskDelivery:
+    """Which node holds which mask version, and each node's budget rank (from its delivery reply)."""
+
+    def __init__(self, cfg: AppConfig, log: RoundLog):
+        self.cfg, self.log = cfg, log
+        self.mask: Mask | None = None
+        self.version = 0
+        self.ranks: dict[int, int] = {}
+        self._holders: dict[int, int] = {}
+        self._positions: dict[int, object] = {}
+
+    def install(self, mask: Mask, version: int | None = None) -> None:
+        """A new global mask: every node needs it again."""
+        self.mask, self.version = mask, self.version + 1 if version is None else version
+        self._holders, self._positions = {}, {}
+
+    def forget(self, node: int) -> None:
+        """The node failed a round: it may have lost its state, so resend the mask next time."""
+        self._holders.pop(node, None)
+
+    def ensure(self, grid: Grid, nodes: list[int]) -> set[int]:
+        """Deliver the current mask to those of `nodes` that lack it; the nodes that hold it."""
+        missing = [n for n in nodes if self._holders.get(n) != self.version]
+        if missing:
+            content = RecordDict({"mask": array_record(self.mask.to_arrays()),
+                                  "config": ConfigRecord({**self.cfg.client_config(), "mask-version": self.version})})
+            replies = _send(grid, self.cfg, self.log, content, missing, "mask")
+            for nid in missing:
+                try:
+                    if nid not in replies:
+                        raise validate.BadReply("no reply before the timeout")
+                    self.ranks[nid] = validate.mask_reply(replies[nid], self.version)
+                    self._holders[nid] = self.version
+                except validate.BadReply as exc:
+                    self.log.drop(nid, f"mask delivery: {exc}")
+        return {n for n in nodes if self._holders.get(n) == self.version}
+
+    def positions(self, node: int):
+        """Positions of the node's entries in the packed vector (None: it trains the whole mask)."""
+        rank = self.ranks.get(node, 0)
+        if rank not in self._positions:
+            self._positions[rank] = nested(self.mask, rank)[1]
+        return self._positions[rank]
