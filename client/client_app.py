@@ -16,10 +16,12 @@ from flwr.clientapp import ClientApp
 
 from common.allocation import Mask
 from common.local import local_eval, local_stats, local_train, local_vote
-from common.methods import base_model, get_arrays, method_model, set_arrays
+from common.methods import MASK_METHODS, base_model, get_arrays, method_model, node_mask, set_arrays
 from common.partition import node_data
 from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
-from common.wire import nested, put, take
+from common.wire import put, take
+
+from .privacy import privacy_mods
 
 
 def _config(msg: Message, context: Context) -> AppConfig:
@@ -46,12 +48,13 @@ def _model(msg: Message, context: Context, cfg: AppConfig):
     """(model loaded with this node's share of the server's arrays, received arrays, positions)."""
     received = _arrays(msg.content["arrays"])
     mask, positions = None, None
-    if cfg.method == "taskedge":
+    if cfg.method in MASK_METHODS:
         version = int(msg.content["config"]["mask-version"])
         if "mask" not in context.state or int(context.state["mask-meta"]["version"]) != version:
             raise RuntimeError(f"this node holds no mask version {version} (it joined after the mask phase or "
                                f"lost its state); the server must resend it")
-        mask, positions = nested(Mask.from_arrays(_arrays(context.state["mask"])), _rank(cfg, context))
+        mask, positions = node_mask(cfg.method, Mask.from_arrays(_arrays(context.state["mask"])),
+                                    _rank(cfg, context))
     model = method_model(cfg, mask)
     set_arrays(cfg.method, model, take(received, positions))
     return model, received, positions
@@ -129,8 +132,11 @@ def train_only(mod):
 
 
 def create_app(mods: tuple = ()) -> ClientApp:
-    """The ClientApp with these handlers, behind Flower mods (DP clipping mods: wrap in `train_only`)."""
-    client = ClientApp(mods=list(mods))
+    """The ClientApp with these handlers, behind Flower mods (DP clipping mods: wrap in `train_only`).
+
+    The privacy mods (client/privacy.py: SecAgg+, DP clipping, uniform weights) always come first;
+    they act only on messages that ask for them, so one app serves plain and private runs."""
+    client = ClientApp(mods=[*privacy_mods(lambda m, c: client(m, c)), *mods])
     client.query("stats")(stats)
     client.query("mask")(install_mask)
     client.train()(train)

@@ -9,6 +9,7 @@ global mask (heterogeneous devices).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,11 +23,16 @@ class Mask:
     indices[name]: int64 flat indices into weight.reshape(rows, width).
     ranks[name]: within-row rank of each entry (0 = the row's most important entry).
     shapes[name]: (rows, width).
+    norms[name]: only with N:M on: the per-feature activation norms the N:M pruning of the base
+        weights was derived from (`tuner.apply_nm`). They travel with the mask ('<name>.norm'), so
+        every node prunes its copy of the backbone exactly as the server did, from the same pooled
+        statistics (about 0.1 % of the model, once per mask version).
     """
 
     indices: dict[str, torch.Tensor]
     ranks: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, int]]
+    norms: dict[str, torch.Tensor] | None = None  # N:M mode: the pooled activation norms the pruning used
 
     @property
     def num_entries(self) -> int:
@@ -41,7 +47,7 @@ class Mask:
         for n in self.names():
             keep = self.ranks[n] < max_rank
             idx[n], rk[n] = self.indices[n][keep], self.ranks[n][keep]
-        return Mask(idx, rk, dict(self.shapes))
+        return Mask(idx, rk, dict(self.shapes), self.norms)
 
     def positions_in(self, other: "Mask") -> dict[str, torch.Tensor]:
         """Where each of this mask's entries sits in `other`'s value vector (self must be a subset)."""
@@ -61,6 +67,8 @@ class Mask:
             out[f"{n}.idx"] = self.indices[n].numpy().astype(np.int64)
             out[f"{n}.rank"] = self.ranks[n].numpy().astype(np.int64)
             out[f"{n}.shape"] = np.array(self.shapes[n], dtype=np.int64)
+        for n in sorted(self.norms or {}):
+            out[f"{n}.norm"] = self.norms[n].detach().cpu().numpy()
         return out
 
     @classmethod
@@ -81,7 +89,14 @@ class Mask:
             if i.size and (i.min() < 0 or i.max() >= s[0] * s[1] or np.any(np.diff(i) <= 0)):
                 raise ValueError(f"mask indices for '{n}' must be strictly increasing within [0, {s[0] * s[1]})")
             idx[n], rk[n], shp[n] = torch.from_numpy(i.astype(np.int64)), torch.from_numpy(r.astype(np.int64)), s
-        return cls(idx, rk, shp)
+        norms = {}
+        for key in arrays:
+            if key.endswith(".norm"):
+                v = np.asarray(arrays[key])
+                if v.dtype.kind != "f" or v.ndim < 1 or not np.isfinite(v).all() or (v < 0).any():
+                    raise ValueError(f"mask array '{key}' must be finite, non-negative activation norms")
+                norms[key[:-5]] = torch.from_numpy(np.array(v, copy=True))
+        return cls(idx, rk, shp, norms or None)
 
 
 def budget_entries(budget: float, backbone_params: int, eligible_entries: int) -> int:
@@ -97,18 +112,24 @@ def budget_entries(budget: float, backbone_params: int, eligible_entries: int) -
     return count
 
 
-def allocate(scores: dict[str, torch.Tensor], count: int, mode: str = "neuron") -> Mask:
-    """Pick `count` entries from (rows, width) score matrices (modules in sorted-name order)."""
+def allocate(scores: dict[str, torch.Tensor], count: int, mode: str = "neuron", col_cap: float = 1.0) -> Mask:
+    """Pick `count` entries from (rows, width) score matrices (modules in sorted-name order).
+
+    mode: "neuron" (TaskEdge), "neuron-cap" (neuron level with a per-column cap, see
+    `_neuron_capped`; `col_cap` is its factor) or "global" (top-k over everything).
+    """
     names = sorted(scores)
     total = sum(scores[n].numel() for n in names)
     if not 0 < count <= total:
         raise ValueError(f"count must be in [1, {total}], got {count}")
     if mode == "neuron":
         chosen = _neuron_level(scores, names, count)
+    elif mode == "neuron-cap":
+        chosen = _neuron_capped(scores, names, count, col_cap)
     elif mode == "global":
         chosen = _global_topk(scores, names, count)
     else:
-        raise ValueError(f"allocation must be 'neuron' or 'global', got {mode!r}")
+        raise ValueError(f"allocation must be 'neuron', 'neuron-cap' or 'global', got {mode!r}")
     idx, rk, shp = {}, {}, {}
     for n in names:
         flat, rank = chosen[n]
@@ -151,6 +172,88 @@ def _neuron_level(scores, names, count):
     return out
 
 
+def column_cap(rows: int, width: int, depth: int, factor: float = 1.0) -> int:
+    """Most rows that may pick one input column when every row takes `depth` entries."""
+    return max(1, math.ceil(factor * rows * depth / width - 1e-9))
+
+
+def _capped_rows(s: torch.Tensor, depth: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, `depth` columns by descending score, no column taken by more than `cap` rows.
+
+    Rank by rank: every row still without its r-th entry proposes its best column that it has
+    not taken yet and that still has room; each column accepts its highest-scoring proposals
+    (ties: lower row) up to its room; rejected rows propose again. A row whose remaining columns
+    are all full (possible only at the tightest caps) takes its best remaining column anyway.
+    Returns (cols, vals), each (rows, depth), in rank order.
+    """
+    rows, width = s.shape
+    s = s.float()
+    taken = torch.zeros(rows, width, dtype=torch.bool)
+    used = torch.zeros(width, dtype=torch.long)
+    cols = torch.zeros(rows, depth, dtype=torch.long)
+    vals = torch.zeros(rows, depth)
+    neg = float("-inf")
+    for r in range(depth):
+        pending = torch.arange(rows)
+        while pending.numel():
+            free = used < cap
+            cand = s[pending].masked_fill(taken[pending] | ~free[None, :], neg)
+            best_val, best_col = cand.max(1)
+            stuck = ~(cand > neg).any(1)
+            if stuck.any():  # nothing with room left for these rows: best remaining column regardless of the cap
+                rest = s[pending[stuck]].masked_fill(taken[pending[stuck]], neg)
+                best_val[stuck], best_col[stuck] = rest.max(1)
+            # within each proposed column, rank the proposals by score (desc), then row (asc)
+            order = torch.from_numpy(np.lexsort((pending.numpy(), -best_val.double().numpy(), best_col.numpy())))
+            col_sorted = best_col[order]
+            start = torch.ones_like(col_sorted, dtype=torch.bool)
+            start[1:] = col_sorted[1:] != col_sorted[:-1]
+            idx = torch.arange(len(order))
+            pos = idx - torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), 0).values
+            room = (cap - used).clamp(min=0)[col_sorted]
+            ok = torch.zeros(len(order), dtype=torch.bool)
+            ok[order] = (pos < room) | stuck[order]
+            acc_rows, acc_cols = pending[ok], best_col[ok]
+            cols[acc_rows, r], vals[acc_rows, r] = acc_cols, best_val[ok]
+            taken[acc_rows, acc_cols] = True
+            used += torch.bincount(acc_cols, minlength=width)
+            pending = pending[~ok]
+    return cols, vals
+
+
+def _neuron_capped(scores, names, count, factor):
+    """Neuron level with a column cap: TaskEdge's k-per-row rule, entries spread over input columns.
+
+    depth = ceil(count / rows): every row gets `depth` capped candidates (`_capped_rows`, cap =
+    `column_cap(rows, width, depth, factor)` per module); then, as in `_neuron_level`, entries are
+    taken in the order (rank asc, score desc, module, row, column), so all rows get depth - 1
+    entries and the leftover goes to the rows whose next candidate scores highest.
+    """
+    rows_total = sum(scores[n].shape[0] for n in names)
+    depth_all = -(-count // rows_total)
+    cand_rank, cand_score, cand_mod, cand_row, cand_col = [], [], [], [], []
+    for mi, n in enumerate(names):
+        r, w = scores[n].shape
+        d = min(w, depth_all)
+        cols, vals = _capped_rows(scores[n], d, column_cap(r, w, d, factor))
+        cand_rank.append(torch.arange(d).repeat(r))
+        cand_score.append(vals.reshape(-1))
+        cand_mod.append(torch.full((r * d,), mi))
+        cand_row.append(torch.arange(r).repeat_interleave(d))
+        cand_col.append(cols.reshape(-1))
+    rank, score = torch.cat(cand_rank), torch.cat(cand_score)
+    mod, row, col = torch.cat(cand_mod), torch.cat(cand_row), torch.cat(cand_col)
+    if rank.numel() < count:  # narrow modules saturated: fall back to the uncapped order for the rest
+        return _neuron_level(scores, names, count)
+    order = np.lexsort((col.numpy(), row.numpy(), mod.numpy(), -score.double().numpy(), rank.numpy()))
+    take = torch.from_numpy(order[:count])
+    out = {}
+    for mi, n in enumerate(names):
+        sel = take[mod[take] == mi]
+        out[n] = (row[sel] * scores[n].shape[1] + col[sel], rank[sel])
+    return out
+
+
 def _covered(rank, depth, names, mod, scores):
     """Entries guaranteed correct in the order: all ranks below the smallest unsaturated depth."""
     unsat = [depth[n] for n in names if depth[n] < scores[n].shape[1]]
@@ -184,11 +287,16 @@ def _global_topk(scores, names, count):
 
 
 def nm_keep(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Bool (rows, width) mask keeping the N highest scores in each group of M consecutive inputs."""
+    """Bool (rows, width) mask keeping the N highest scores in each group of M consecutive inputs.
+
+    Ties go to the lower input index (a stable sort, not topk's implementation-defined order), so
+    every node derives the same pattern from the same scores, whatever its platform.
+    """
     rows, width = scores.shape
     if width % m:
         raise ValueError(f"N:M sparsity needs the input width ({width}) to be a multiple of M={m}")
     groups = scores.reshape(rows, width // m, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    order = torch.sort(groups, dim=2, descending=True, stable=True).indices
+    keep.scatter_(2, order[:, :, :n], True)
     return keep.reshape(rows, width)

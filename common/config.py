@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SCORES = ("taskedge", "magnitude", "activation", "random")
-ALLOCATIONS = ("neuron", "global")
+SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
+ALLOCATIONS = ("neuron", "neuron-cap", "global")
+STAT_SCORES = ("taskedge", "taskedge-sqrt", "activation")  # scores that need activation statistics
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 CONV_GRADS = ("auto", "sparse", "dense")
 
@@ -15,9 +16,14 @@ class TaskEdgeConfig:
 
     budget: fraction of the backbone's parameters (0 < budget < 1, default 0.1 %) or an
         absolute number of trainable entries (an integer >= 1).
-    score: importance used for ranking; "taskedge" is |W| * ||X_j||, the rest are ablations.
-    allocation: "neuron" spreads the budget as k entries per output neuron; "global" is
-        the ablation that takes the top entries over the whole network.
+    score: importance used for ranking; "taskedge" is the paper's |W| * ||X_j||; "taskedge-sqrt" is
+        |W| * ||X_j||^(1/2), which damps the few high-activation input columns that the paper's
+        score makes every row pick; "magnitude" (|W|), "activation" (||X_j||) and "random" are ablations.
+    allocation: "neuron" spreads the budget as k entries per output neuron; "neuron-cap" does the
+        same with a per-column cap (no input column of a module is picked by more than
+        ceil(col_cap * rows * k / width) rows), so the entries also spread over the input columns;
+        "global" is the ablation that takes the top entries over the whole network.
+    col_cap: the cap factor of "neuron-cap" (1 = every column as evenly used as possible).
     target_modules: regular expressions (full match) on module names; None means every
         nn.Linear / nn.Conv2d of the backbone except the classifier head.
     exclude_modules: regular expressions removed from the targets.
@@ -40,6 +46,7 @@ class TaskEdgeConfig:
     save_dtype: str = "float32"
     conv_grad: str = "auto"
     seed: int = 0
+    col_cap: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -52,6 +59,8 @@ class TaskEdgeConfig:
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _choice("conv_grad", self.conv_grad, CONV_GRADS)
+        if isinstance(self.col_cap, bool) or not isinstance(self.col_cap, (int, float)) or not self.col_cap >= 1:
+            raise ValueError(f"col_cap must be a number >= 1, got {self.col_cap!r}")
         if self.nm is not None:
             n, m = tuple(self.nm)
             if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):

@@ -1,4 +1,8 @@
-"""Per-entry importance scores: TaskEdge's |W| * ||X_j|| and the ablations.
+"""Per-entry importance scores: TaskEdge's |W| * ||X_j||, a damped variant and the ablations.
+
+`taskedge-sqrt` = |W| * ||X_j||^(1/2): the paper's score shares one ||X_j|| per input column among
+all rows, so under neuron-level allocation every row picks the same few high-activation columns;
+the square root keeps the activation signal but lets |W| decide more often.
 
 Every score is returned as a (rows, width) matrix over the module's weight viewed as
 `weight.reshape(out, -1)`: Linear (out, in); Conv2d (out, in/groups * kh * kw), the order of
@@ -48,4 +52,6 @@ def importance(module: nn.Module, norm: torch.Tensor | None, method: str = "task
     act = row_norms(module, norm.float().to(w2.device))
     if method == "activation":
         return act.contiguous().clone()
+    if method == "taskedge-sqrt":
+        return w2 * act.sqrt()
     return w2 * act

@@ -18,6 +18,7 @@ class SparseDeltaLayer(nn.Module):
     """Common part: mask bookkeeping, delta weight, merge."""
 
     base_layer: nn.Module
+    TRAINABLE: tuple[str, ...] = ("values",)  # the parameters this wrapper trains (common.lora: "lora_B")
 
     def __init__(self, base: nn.Module, flat_idx: torch.Tensor, save_dtype: str = "float32"):
         super().__init__()
@@ -33,9 +34,13 @@ class SparseDeltaLayer(nn.Module):
             p.requires_grad_(False)
         dev = base.weight.device
         self.register_buffer("flat_idx", flat_idx.to(dev), persistent=False)
-        self.values = nn.Parameter(torch.zeros(flat_idx.numel(), dtype=base.weight.dtype, device=dev))
+        self._init_values(flat_idx.numel(), base.weight.dtype, dev)
         self.save_dtype = save_dtype
         self.width = width
+
+    def _init_values(self, n: int, dtype: torch.dtype, device) -> None:
+        """The trainable `values` (one per masked entry); common.lora derives them from a factor instead."""
+        self.values = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
 
     @property
     def weight(self) -> torch.Tensor:  # read-only view for code that inspects .weight

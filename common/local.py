@@ -29,10 +29,13 @@ def local_vote(model: nn.Module, tcfg: TaskEdgeConfig, stats: dict[str, np.ndarr
 
 
 def local_train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
-                lr: float, seed: int) -> dict[str, float]:
-    """E local epochs of AdamW on what the method left trainable (values + head for taskedge)."""
+                lr: float, seed: int, head_lr: float | None = None) -> dict[str, float]:
+    """E local epochs of AdamW on what the method left trainable (values + head for taskedge).
+
+    `head_lr` is the dense head's rate; None = the rate `method_model` attached to the model
+    (the run config's `head-lr`), else `lr`."""
     torch.manual_seed(seed)
-    return train_epochs(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    return train_epochs(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, head_lr=head_lr)
 
 
 def local_eval(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:

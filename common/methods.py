@@ -1,10 +1,13 @@
-"""The method registry: the three federated methods behind one small interface, for both apps.
+"""The method registry: the federated methods behind one small interface, for both apps.
 
 Every method reduces to "a dict of float32 arrays that travels":
 
 - taskedge:    `common.wire.pack` — the packed `values` vector of the global mask + the dense head.
+- taskedge-lora: `common.lora.pack_lora` — dW = M ⊙ (B A) on the global mask M with A frozen (shared by
+               seed): the packed `lora_B` vector + the dense head; averaging B averages the updates exactly.
 - fedlora:     HF peft LoRA (r, alpha=2r) adapters on the same target modules + the head.
 - fedavg-full: every floating-point entry of the state dict.
+- head-only:   the dense classifier head alone (a linear probe; the frozen backbone is the floor).
 
 `method_model` is the one place that turns a run configuration (and a mask) into the trainable
 model; the server builds its own copy with it for the initial arrays, centralised evaluation and
@@ -21,10 +24,14 @@ import torch
 from torch import nn
 
 from common.allocation import Mask
-from common.config import TaskEdgeConfig
-from common.tuner import apply_mask, find_head, merge_and_unload, target_modules
+from common.config import STAT_SCORES, TaskEdgeConfig
+from common.train import HEAD_LR_ATTR
+from common.tuner import apply_mask, apply_nm, find_head, mark_trainable, merge_and_unload, target_modules
 from common.settings import AppConfig
-from common.wire import Arrays, pack, unpack
+from common.wire import PACKED, Arrays, carry_values, nested, pack, unpack
+
+# Methods whose federation runs the statistics and mask phases (the global TaskEdge mask).
+MASK_METHODS = ("taskedge", "taskedge-lora")
 
 
 @lru_cache(maxsize=2)
@@ -51,10 +58,23 @@ def base_model(model: str, num_classes: int, weights_path: str = "", seed: int =
 
 def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None = None,
           lora_rank: int = 8, seed: int = 0) -> nn.Module:
-    """Turn a pre-trained model into the trainable model of `method` (in place for taskedge)."""
-    if method == "taskedge":
+    """Turn a pre-trained model into the trainable model of `method` (in place for taskedge).
+
+    With N:M on (tcfg.nm), the base weights are first pruned from the activation norms the mask
+    carries (`Mask.norms`): the same pruning on every node and on the server.
+    """
+    if method in MASK_METHODS:
         if mask is None:
-            raise ValueError("taskedge needs a mask")
+            raise ValueError(f"{method} needs a mask")
+        if tcfg.nm is not None:
+            if mask.norms is None and tcfg.score in STAT_SCORES:
+                raise ValueError(f"nm={tcfg.nm}: the mask carries no activation norms to prune the base weights by")
+            apply_nm(base, tcfg, mask.norms)
+        if method == "taskedge-lora":
+            from common.lora import TaskEdgeLoRAConfig, apply_lora_mask
+
+            lcfg = TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": lora_rank})
+            return apply_lora_mask(base, mask, lcfg)
         return apply_mask(base, mask, tcfg)
     if method == "fedlora":
         from peft import LoraConfig, get_peft_model
@@ -69,6 +89,9 @@ def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None 
         for p in base.parameters():
             p.requires_grad_(True)
         return base
+    if method == "head-only":
+        mark_trainable(base, find_head(base, tcfg.head))
+        return base
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -77,17 +100,26 @@ def method_model(cfg: AppConfig, mask: Mask | None = None) -> nn.Module:
     from common.data import get_task
 
     base = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
-    return build(cfg.method, base, cfg.taskedge_config(), mask, cfg.lora_rank, cfg.seed)
+    model = build(cfg.method, base, cfg.taskedge_config(), mask, cfg.lora_rank, cfg.seed)
+    setattr(model, HEAD_LR_ATTR, cfg.effective_head_lr)  # the head's AdamW rate (common.train.make_optimizer reads it)
+    return model
 
 
 def get_arrays(method: str, model: nn.Module) -> Arrays:
     """The wire form of what this method trains (float32, C-contiguous)."""
     if method == "taskedge":
         return pack(model)
+    if method == "taskedge-lora":
+        from common.lora import pack_lora
+
+        return pack_lora(model)
     if method == "fedlora":
         from peft import get_peft_model_state_dict
 
         sd = get_peft_model_state_dict(model)
+    elif method == "head-only":
+        head = find_head(model)
+        sd = {k: v for k, v in model.state_dict().items() if k.startswith(head + ".") and v.is_floating_point()}
     else:
         sd = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     return OrderedDict((k, np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32)) for k, v in sd.items())
@@ -104,6 +136,10 @@ def set_arrays(method: str, model: nn.Module, arrays: dict[str, np.ndarray]) -> 
             raise ValueError(f"'{k}': expected shape {tuple(shape)}, got {np.shape(arrays[k])}")
     if method == "taskedge":
         unpack(model, arrays)
+    elif method == "taskedge-lora":
+        from common.lora import unpack_lora
+
+        unpack_lora(model, arrays)
     elif method == "fedlora":
         from peft import set_peft_model_state_dict
 
@@ -117,7 +153,7 @@ def set_arrays(method: str, model: nn.Module, arrays: dict[str, np.ndarray]) -> 
 
 def export(method: str, model: nn.Module) -> nn.Module:
     """A plain model with the learned update folded in (what gets deployed)."""
-    if method == "taskedge":
+    if method in MASK_METHODS:
         return merge_and_unload(model)
     if method == "fedlora":
         return copy.deepcopy(model).merge_and_unload()
@@ -126,3 +162,34 @@ def export(method: str, model: nn.Module) -> nn.Module:
 
 def num_entries(arrays: dict[str, np.ndarray]) -> int:
     return int(sum(np.asarray(v).size for v in arrays.values()))
+
+
+def node_mask(method: str, mask: Mask, rank: int) -> tuple[Mask, np.ndarray | None]:
+    """The mask a node of budget rank `rank` trains and its positions in the packed vector (None: all).
+
+    taskedge: the nested sub-mask (`common.wire.nested`). taskedge-lora: always the whole mask — B's
+    rows and the support M are global, so a smaller budget rank does not apply (the rank is ignored).
+    """
+    if method == "taskedge":
+        return nested(mask, rank)
+    return mask, None
+
+
+def carry_arrays(method: str, old_mask: Mask, old_arrays: dict[str, np.ndarray], new_mask: Mask,
+                 new_arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Arrays for a re-reconciled mask: what was learned on the old mask carried over where it survives
+    (taskedge: surviving entries keep their values; taskedge-lora: surviving rows keep their B), the
+    head kept as it is; `new_arrays` (the fresh model's arrays) gives the keys and shapes."""
+    out = dict(new_arrays)
+    if method == "taskedge":
+        out[PACKED] = carry_values(old_mask, old_arrays[PACKED], new_mask)
+    elif method == "taskedge-lora":
+        from common.lora import LORA_PACKED, carry_lora, mask_rows
+
+        rows = sum(v.numel() for v in mask_rows(old_mask).values())
+        r = int(np.asarray(old_arrays[LORA_PACKED]).size // max(rows, 1))
+        out[LORA_PACKED] = carry_lora(old_mask, old_arrays[LORA_PACKED], new_mask, r)
+    else:
+        raise ValueError(f"method {method!r} has no mask to re-reconcile")
+    out.update((k, v) for k, v in old_arrays.items() if k not in (PACKED, "lora_B") and k in out)
+    return out

@@ -10,16 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from common import tuned as _tuned
 from common.config import ALLOCATIONS, SCORES, TaskEdgeConfig
 
-METHODS = ("taskedge", "fedavg-full", "fedlora")
+METHODS = ("taskedge", "fedavg-full", "fedlora", "taskedge-lora", "head-only")
 PARTITIONERS = ("iid", "dirichlet")
 RECONCILE = ("stats", "vote")
 SERVER_OPTS = ("fedavg", "fedavgm")
+AGGREGATIONS = ("mean", "trimmed", "median")
+STATS_AGGREGATIONS = ("sum", "median")
 
-# AdamW learning rates per method, the best of a small sweep (5 clients x 5 rounds x 2 local epochs,
-# Dirichlet 0.5, embedded ViT): sparse values take a larger step than LoRA adapters or full weights.
-METHOD_LR = {"taskedge": 0.05, "fedlora": 0.003, "fedavg-full": 0.001}
+# AdamW learning rates per method for the deltas/adapters/weights (`lr`) and the dense head (`head-lr`):
+# the best of one small sweep on the suite's validation splits (simulations/sweep.py -> common/defaults.json,
+# shared with simulations/finetune.py). The default selection (score, allocation) comes from the same file.
+METHOD_LR = _tuned.method_lr()
+METHOD_HEAD_LR = _tuned.method_head_lr()
+_SELECTION = _tuned.selection()
 
 # kebab-case key -> default. Sized for `flwr run .` with ~5 simulated clients on 2 CPU cores.
 DEFAULTS: dict[str, Any] = {
@@ -38,24 +44,47 @@ DEFAULTS: dict[str, Any] = {
     "local-epochs": 2,
     "batch-size": 32,
     "lr": 0.0,                       # 0 = the method's default (METHOD_LR)
-    "budget": 0.01,                  # fraction of backbone params (or a count >= 1)
-    "score": "taskedge",
-    "allocation": "neuron",
+    "head-lr": 0.0,                  # 0 = the method's default for the dense head (METHOD_HEAD_LR)
+    "budget": _SELECTION["budget"],  # fraction of backbone params (or a count >= 1); embedded ViT: 2% ~ LoRA r=1
+    "score": _SELECTION["score"],    # common/defaults.json: the winner of simulations/compare_scores.py
+    "allocation": _SELECTION["allocation"],
+    "nm": "",                        # N:M sparsity of the merged weights, e.g. "2:4" ("" = off; taskedge methods)
     "reconcile": "stats",            # stats (exact, pooled) | vote (per-neuron vote of local top-k)
     "reconcile-every": 0,            # re-reconcile every R rounds (0 = once)
     "budget-ranks": "",              # simulation: per-partition budget ranks, e.g. "0,1" (0 = full mask)
-    "lora-rank": 8,
+    "lora-rank": 8,                  # rank of fedlora's adapters; of B for taskedge-lora (dW = M ⊙ (B A))
     "calib-size": 64,                # calibration samples per client (from its local train split)
     "test-fraction": 0.2,            # share of a client's partition held out for local evaluation
     "server-test-size": 1000,        # centralised test samples (0 = no centralised evaluation)
     "server-opt": "fedavg",          # fedavg | fedavgm (seam for server optimizers)
     "server-lr": 1.0,
     "server-momentum": 0.9,
+    "aggregation": "mean",           # mean (FedAvg) | trimmed (per-entry trimmed mean) | median (per entry)
+    "trim-beta": 0.2,                # fraction cut at each end by `trimmed`
+    "clip-norm": 0.0,                # per-client update-norm bound; 0 = clip-factor x the round's median norm
+    "clip-factor": 3.0,              # adaptive bound factor (used when clip-norm = 0); 0 = no clipping
+    "max-examples": 0,               # largest credible num-examples per reply; 0 = the task's training split size
+    "stats-aggregation": "sum",      # sum (exact pooled statistics) | median (per column, robust to one client)
     "round-timeout": 600.0,
     "client-threads": 1,             # torch threads per ClientApp (node config "num-threads" wins)
     "seed": 0,
     "output-dir": "runs",            # run folder = output-dir/<timestamp>-<method>
     "resume": "",                    # checkpoint.safetensors (or its run folder) to continue from
+    # privacy (server/privacy.py, server/secure.py, client/privacy.py; README "Privacy")
+    "secure-aggregation": False,     # Flower's SecAgg+ for the statistics and training rounds (server learns sums)
+    "secagg-num-shares": 1.0,        # SecAgg+ shares per node: <= 1 a fraction of the round's nodes, else a count
+    "secagg-reconstruction-threshold": 0.67,  # shares to reconstruct: <= 1 a fraction of the shares, else a count
+    "secagg-clipping-range": 0.0,    # quantizer range [-c, c]; 0 = the update bound (dp-clip-norm, else clip-norm)
+    "secagg-quantization-range": 4194304,  # quantization levels (2^22); x nodes must stay below the 2^32 modulus
+    "stats-clip-norm": 100.0,        # bound on a node's per-column mean-square vector (secure / DP statistics)
+    "dp": "none",                    # none | server | client: central DP with Flower's fixed-clipping wrappers
+    "dp-clipping": "fixed",          # fixed | adaptive (adaptive: dp=server only, not accounted by Flower 1.42)
+    "dp-clip-norm": 10.0,            # DP update clipping norm (embedded default: update norms ~11-14)
+    "dp-noise-multiplier": 1.0,      # Gaussian noise sd = multiplier x clip-norm on the sum of clipped updates
+    "dp-stats-noise-multiplier": 0.0,  # noise multiplier of the statistics release; 0 = dp-noise-multiplier
+    "max-epsilon": 0.0,              # stop before a release would push epsilon past this (0 = no limit)
+    "dp-delta": 1e-5,                # delta of the reported (epsilon, delta)
+    "uniform-weights": False,        # nodes report weight 1 (forced on with dp: the accountant needs equal weights)
 }
 
 
@@ -63,7 +92,7 @@ DEFAULTS: dict[str, Any] = {
 # server's run config is the single source of truth (run_simulation gives clients no run config).
 CLIENT_KEYS = ("method", "model", "weights-path", "task", "partitioner", "alpha", "num-partitions", "seed",
                "calib-size", "test-fraction", "lora-rank", "budget-ranks", "local-epochs", "batch-size", "lr",
-               "budget", "score", "allocation", "reconcile", "client-threads")
+               "budget", "score", "allocation", "reconcile", "client-threads", "nm", "head-lr", "uniform-weights")
 
 
 @dataclass(frozen=True)
@@ -85,9 +114,11 @@ class AppConfig:
     local_epochs: int
     batch_size: int
     lr: float
+    head_lr: float
     budget: float
     score: str
     allocation: str
+    nm: str
     reconcile: str
     reconcile_every: int
     budget_ranks: str
@@ -98,11 +129,31 @@ class AppConfig:
     server_opt: str
     server_lr: float
     server_momentum: float
+    aggregation: str
+    trim_beta: float
+    clip_norm: float
+    clip_factor: float
+    max_examples: int
+    stats_aggregation: str
     round_timeout: float
     client_threads: int
     seed: int
     output_dir: str
     resume: str
+    secure_aggregation: bool
+    secagg_num_shares: float
+    secagg_reconstruction_threshold: float
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    stats_clip_norm: float
+    dp: str
+    dp_clipping: str
+    dp_clip_norm: float
+    dp_noise_multiplier: float
+    dp_stats_noise_multiplier: float
+    max_epsilon: float
+    dp_delta: float
+    uniform_weights: bool
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -116,7 +167,13 @@ class AppConfig:
     def taskedge_config(self) -> TaskEdgeConfig:
         """The TaskEdge selection part (a budget >= 1 is an entry count)."""
         budget = int(self.budget) if self.budget >= 1 else self.budget
-        return TaskEdgeConfig(budget=budget, score=self.score, allocation=self.allocation, seed=self.seed)
+        return TaskEdgeConfig(budget=budget, score=self.score, allocation=self.allocation, seed=self.seed,
+                              nm=parse_nm(self.nm))
+
+    @property
+    def effective_head_lr(self) -> float:
+        """The dense head's AdamW rate: `head-lr`, or the method's tuned default when it is 0."""
+        return self.head_lr or METHOD_HEAD_LR[self.method]
 
     def ranks_for(self, partition_id: int) -> int:
         """Budget rank of a simulated partition from `budget-ranks` (cycled; 0 = full mask)."""
@@ -149,7 +206,8 @@ def _typed(key: str, value: Any) -> Any:
 
 def _check(cfg: dict[str, Any]) -> None:
     choices = {"method": METHODS, "partitioner": PARTITIONERS, "reconcile": RECONCILE, "score": SCORES,
-               "allocation": ALLOCATIONS, "server-opt": SERVER_OPTS}
+               "allocation": ALLOCATIONS, "server-opt": SERVER_OPTS, "aggregation": AGGREGATIONS,
+               "stats-aggregation": STATS_AGGREGATIONS}
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             raise _bad(key, f"must be one of {', '.join(allowed)}", cfg[key])
@@ -158,7 +216,8 @@ def _check(cfg: dict[str, Any]) -> None:
     for key in positive:
         if not cfg[key] > 0:
             raise _bad(key, "must be > 0", cfg[key])
-    for key in ("num-partitions", "reconcile-every", "server-test-size", "seed", "lr"):
+    for key in ("num-partitions", "reconcile-every", "server-test-size", "seed", "lr", "head-lr", "clip-norm", "clip-factor",
+                "max-examples"):
         if cfg[key] < 0:
             raise _bad(key, "must be >= 0", cfg[key])
     for key in ("fraction-train", "fraction-evaluate"):
@@ -170,6 +229,11 @@ def _check(cfg: dict[str, Any]) -> None:
         raise _bad("test-fraction", "must be in [0, 1)", cfg["test-fraction"])
     if not 0.0 <= cfg["server-momentum"] < 1.0:
         raise _bad("server-momentum", "must be in [0, 1)", cfg["server-momentum"])
+    if not 0.0 <= cfg["trim-beta"] < 0.5:
+        raise _bad("trim-beta", "must be in [0, 0.5)", cfg["trim-beta"])
+    if cfg["server-opt"] == "fedavgm" and cfg["aggregation"] != "mean":
+        raise _bad("server-opt", f"fedavgm needs aggregation='mean' (aggregation is {cfg['aggregation']!r})",
+                   cfg["server-opt"])
     if cfg["budget"] >= 1 and not float(cfg["budget"]).is_integer():
         raise _bad("budget", "a value >= 1 is an entry count and must be an integer", cfg["budget"])
     try:
@@ -178,8 +242,77 @@ def _check(cfg: dict[str, Any]) -> None:
         raise _bad("budget-ranks", "must be a comma-separated list of integers >= 0", cfg["budget-ranks"]) from None
     if any(r < 0 for r in ranks):
         raise _bad("budget-ranks", "ranks must be >= 0 (0 = full mask)", cfg["budget-ranks"])
+    try:
+        nm = parse_nm(cfg["nm"])
+    except ValueError as exc:
+        raise _bad("nm", str(exc), cfg["nm"]) from None
+    if nm is not None and cfg["method"] not in ("taskedge", "taskedge-lora"):
+        raise _bad("nm", "N:M applies to the taskedge methods (their deltas live on kept entries)", cfg["nm"])
+    if nm is not None and cfg["reconcile"] != "stats":
+        raise _bad("nm", "needs reconcile='stats' (the pruning is derived from the pooled statistics)", cfg["nm"])
+    if cfg["method"] == "taskedge-lora" and ranks:
+        raise _bad("budget-ranks", "taskedge-lora trains one global B (nested budgets are taskedge only)",
+                   cfg["budget-ranks"])
+    _check_privacy(cfg)
     if cfg["model"] == "":
         raise _bad("model", "must name an embedded or timm model", cfg["model"])
+
+
+def _check_privacy(cfg: dict[str, Any]) -> None:
+    """Secure aggregation and differential privacy: what they need and what they cannot combine with."""
+    if cfg["dp"] not in ("none", "server", "client"):
+        raise _bad("dp", "must be one of none, server, client", cfg["dp"])
+    if cfg["dp-clipping"] not in ("fixed", "adaptive"):
+        raise _bad("dp-clipping", "must be one of fixed, adaptive", cfg["dp-clipping"])
+    for key in ("secagg-clipping-range", "dp-noise-multiplier", "dp-stats-noise-multiplier", "max-epsilon"):
+        if cfg[key] < 0:
+            raise _bad(key, "must be >= 0", cfg[key])
+    for key in ("stats-clip-norm", "dp-clip-norm", "secagg-num-shares", "secagg-reconstruction-threshold"):
+        if not cfg[key] > 0:
+            raise _bad(key, "must be > 0", cfg[key])
+    if not 0.0 < cfg["dp-delta"] < 1.0:
+        raise _bad("dp-delta", "must be in (0, 1)", cfg["dp-delta"])
+    if not 2 <= cfg["secagg-quantization-range"] < 2**32:
+        raise _bad("secagg-quantization-range", "must be in [2, 2^32)", cfg["secagg-quantization-range"])
+    shares, thr = cfg["secagg-num-shares"], cfg["secagg-reconstruction-threshold"]
+    if shares > 1 and (not float(shares).is_integer() or shares < 3):
+        raise _bad("secagg-num-shares", "must be a fraction in (0, 1] or an integer count >= 3", shares)
+    if thr > 1 and not float(thr).is_integer():
+        raise _bad("secagg-reconstruction-threshold", "must be a fraction in (0, 1] or an integer count", thr)
+    if thr > 1 and shares > 1 and thr >= shares:
+        raise _bad("secagg-reconstruction-threshold", f"a count must be < secagg-num-shares={int(shares)}", thr)
+    private = cfg["secure-aggregation"] or cfg["dp"] != "none"
+    if cfg["secure-aggregation"]:
+        if cfg["dp"] == "server":
+            raise _bad("dp", "server-side clipping needs every update in the clear; with secure-aggregation use "
+                       "dp=client (nodes clip, the server noises the secure sum)", cfg["dp"])
+        if cfg["aggregation"] != "mean":
+            raise _bad("aggregation", "secure aggregation reveals only the sum: trimmed mean and median need every "
+                       "update; use aggregation='mean'", cfg["aggregation"])
+        if cfg["dp"] == "none" and cfg["clip-norm"] <= 0 and cfg["secagg-clipping-range"] <= 0:
+            raise _bad("secure-aggregation", "needs a fixed bound on every update for SecAgg+'s quantizer: set "
+                       "clip-norm (nodes clip their update to it) or secagg-clipping-range, or use dp=client",
+                       cfg["secure-aggregation"])
+    if private and cfg["method"] in ("taskedge", "taskedge-lora") and (cfg["reconcile"] != "stats"
+                                                                         or cfg["stats-aggregation"] != "sum"):
+        raise _bad("reconcile", "secure aggregation and DP protect the pooled statistics (reconcile='stats', "
+                   "stats-aggregation='sum'); local top-k votes and per-column medians need each node's statistics",
+                   f"{cfg['reconcile']}/{cfg['stats-aggregation']}")
+    if cfg["dp"] == "none" and cfg["max-epsilon"] > 0:
+        raise _bad("max-epsilon", "needs dp=server or dp=client", cfg["max-epsilon"])
+    if cfg["dp-clipping"] == "adaptive" and cfg["dp"] != "none":
+        if cfg["dp"] != "server":
+            raise _bad("dp-clipping", "adaptive clipping is offered with dp=server only", cfg["dp-clipping"])
+        if cfg["max-epsilon"] > 0:
+            raise _bad("max-epsilon", "Flower 1.42's accountant covers fixed clipping only (dp-clipping=fixed)",
+                       cfg["max-epsilon"])
+    if cfg["dp"] != "none" and cfg["max-epsilon"] > 0:
+        if cfg["dp-noise-multiplier"] <= 0:
+            raise _bad("max-epsilon", "needs dp-noise-multiplier > 0 (without noise epsilon is infinite)",
+                       cfg["max-epsilon"])
+        if cfg["server-opt"] != "fedavg" or cfg["aggregation"] != "mean":
+            raise _bad("max-epsilon", "Flower's accountant needs FedAvg's own aggregation (server-opt='fedavg', "
+                       "aggregation='mean')", cfg["max-epsilon"])
 
 
 def parse_run_config(run_config: dict[str, Any] | None = None, **overrides: Any) -> AppConfig:
@@ -198,3 +331,16 @@ def parse_run_config(run_config: dict[str, Any] | None = None, **overrides: Any)
     if merged["lr"] == 0.0:
         merged["lr"] = METHOD_LR[merged["method"]]
     return AppConfig(**{k.replace("-", "_"): v for k, v in merged.items()})
+
+
+def parse_nm(value: str) -> tuple[int, int] | None:
+    """'N:M' -> (N, M) with 0 < N < M; '' -> None (off)."""
+    if value.strip() == "":
+        return None
+    parts = value.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError("must be 'N:M' (e.g. '2:4') or '' (off)")
+    n, m = int(parts[0]), int(parts[1])
+    if not 0 < n < m:
+        raise ValueError("N:M needs 0 < N < M")
+    return n, m

@@ -122,9 +122,29 @@ def sum_stats(arrays: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         for k, v in arr.items():
             if np.shape(v) != total[k].shape:
                 raise ValueError(f"statistics #{i}: '{k}' has shape {np.shape(v)}, expected {total[k].shape}")
-            total[k] = total[k] + v
+            if k.endswith(".n"):  # row counts: exact integer sum, refused rather than wrapped past int64
+                n = int(total[k][0]) + int(np.asarray(v).reshape(-1)[0])
+                if n > np.iinfo(np.int64).max:
+                    raise ValueError(f"statistics #{i}: summed row count of '{k}' exceeds int64")
+                total[k] = np.array([n], dtype=np.int64)
+            else:
+                total[k] = total[k] + v
     if total is None:
         raise ValueError("sum_stats needs at least one set of statistics")
+    return total
+
+
+def median_stats(arrays: Iterable[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Robust pooling: per column, the median over devices of the mean square ss/n, scaled by the
+    total row count. One device can move a column's value only within the others' range (with
+    three or more devices); with honest, similar devices it is close to `sum_stats`."""
+    arrays = list(arrays)
+    total = sum_stats(arrays)
+    for k in total:
+        if k.endswith(".ss"):
+            n_key = k[:-3] + ".n"
+            ms = np.stack([np.asarray(a[k], np.float64) / int(np.asarray(a[n_key]).reshape(-1)[0]) for a in arrays])
+            total[k] = np.median(ms, axis=0) * float(total[n_key][0])
     return total
 
 

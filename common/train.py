@@ -10,12 +10,44 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """AdamW over the trainable tensors only: optimizer state exists for values + head, nothing dense."""
+# Attribute a method's model may carry (set by `common.methods.method_model`): the head's learning
+# rate, used when a caller does not pass `head_lr` itself.
+HEAD_LR_ATTR = "taskedge_head_lr"
+
+
+def head_parameters(model: nn.Module, head: str | None = None) -> list[nn.Parameter]:
+    """Trainable parameters of the classifier head (also inside a peft model's `modules_to_save`)."""
+    from common.tuner import find_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = find_head(base, head)
+    if name is None:
+        return []
+    return [p for p in base.get_submodule(name).parameters() if p.requires_grad]
+
+
+def param_groups(model: nn.Module, lr: float, head_lr: float | None = None, head: str | None = None) -> list[dict]:
+    """Two AdamW groups: everything trainable but the head at `lr` (sparse values, adapters or full
+    weights), the dense head at `head_lr` (None: `lr`). Empty groups are left out."""
     params = trainable_parameters(model)
     if not params:
         raise ValueError("the model has no trainable parameters; apply a mask or unfreeze a head first")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if head_lr is None:
+        return [{"params": params, "lr": lr, "name": "all"}]
+    head_ids = {id(p) for p in head_parameters(model, head)}
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr, "name": "body"},
+              {"params": [p for p in params if id(p) in head_ids], "lr": head_lr, "name": "head"}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0,
+                   head_lr: float | None = None) -> torch.optim.Optimizer:
+    """AdamW over the trainable tensors only: optimizer state exists for values + head, nothing dense.
+
+    `head_lr` (default: the model's `taskedge_head_lr` attribute, else `lr`) is the head's rate."""
+    if head_lr is None:
+        head_lr = getattr(model, HEAD_LR_ATTR, None)
+    return torch.optim.AdamW(param_groups(model, lr, head_lr), lr=lr, weight_decay=weight_decay)
 
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, seed: int = 0):
@@ -27,11 +59,11 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
 
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                  lr: float, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
-                 progress: bool = False, weight_decay: float = 0.0) -> dict[str, float]:
+                 progress: bool = False, weight_decay: float = 0.0, head_lr: float | None = None) -> dict[str, float]:
     """Cross-entropy training; returns the mean loss and accuracy of the last epoch."""
     if len(x) == 0:
         return {"loss": 0.0, "acc": 0.0, "examples": 0}
-    opt = optimizer or make_optimizer(model, lr, weight_decay)
+    opt = optimizer or make_optimizer(model, lr, weight_decay, head_lr)
     model.train()
     loss_sum = correct = seen = 0.0
     for epoch in range(epochs):

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .allocation import Mask, allocate, budget_entries, nm_keep
-from .config import TaskEdgeConfig
+from .config import STAT_SCORES, TaskEdgeConfig
 from .importance import importance
 from .layers import SparseDeltaConv2d, SparseDeltaLayer, SparseDeltaLinear
 from .stats import collect_stats
@@ -84,7 +84,9 @@ def _owner(name: str) -> str:
 
 
 def _is_delta_values(model: nn.Module, name: str) -> bool:
-    return name.endswith(".values") and isinstance(model.get_submodule(_owner(name)), SparseDeltaLayer)
+    """A trainable parameter of a sparse-delta wrapper (`values`; `lora_B` for common.lora's layers)."""
+    owner = model.get_submodule(_owner(name))
+    return isinstance(owner, SparseDeltaLayer) and name.rpartition(".")[2] in owner.TRAINABLE
 
 
 def backbone_parameters(model: nn.Module, head: str | None) -> int:
@@ -104,7 +106,7 @@ def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, tor
     scores = {}
     for name, mod in target_modules(model, config).items():
         norm = None if norms is None else norms.get(name)
-        if norm is None and config.score in ("taskedge", "activation"):
+        if norm is None and config.score in STAT_SCORES:
             raise ValueError(f"no activation statistics for module '{name}' (score={config.score!r} needs them)")
         scores[name] = importance(mod, norm, config.score, gen)
     return scores
@@ -115,15 +117,28 @@ def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.
     scores = score_modules(model, config, norms)
     if config.nm is not None:
         n, m = config.nm
-        scores = {k: s.masked_fill(~nm_keep(s, n, m), float("-inf")) for k, s in scores.items()}
+        pruned = set(nm_names(model, config))
+        scores = {k: s.masked_fill(~nm_keep(s, n, m), float("-inf")) if k in pruned else s
+                  for k, s in scores.items()}
     count = budget_entries(config.budget, backbone_parameters(model, find_head(model, config.head)),
                            sum(s.numel() for s in scores.values()))
-    mask = allocate(scores, count, config.allocation)
+    mask = allocate(scores, count, config.allocation, col_cap=config.col_cap)
     if config.nm is not None:
         for name in mask.names():
             if torch.isinf(scores[name].reshape(-1)[mask.indices[name]]).any():
                 raise ValueError(f"budget {config.budget!r} exceeds the entries that N:M={config.nm} keeps in '{name}'")
+        if norms is not None:  # the pruning's input travels with the mask: every node prunes identically
+            mask.norms = {k: norms[k] for k in scores if k in norms}
     return mask
+
+
+def nm_names(model: nn.Module, config: TaskEdgeConfig) -> list[str]:
+    """Target modules that N:M applies to: those whose (rows, width) view has a width divisible by M
+    (sparse tensor cores need it; any other module keeps its dense base and unrestricted mask)."""
+    if config.nm is None:
+        return []
+    m = config.nm[1]
+    return [n for n, mod in target_modules(model, config).items() if mod.weight[0].numel() % m == 0]
 
 
 def apply_nm(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None) -> None:
@@ -132,7 +147,9 @@ def apply_nm(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Te
         return
     n, m = config.nm
     scores = score_modules(model, config, norms)
-    for name, mod in target_modules(model, config).items():
+    mods = target_modules(model, config)
+    for name in nm_names(model, config):
+        mod = mods[name]
         keep = nm_keep(scores[name], n, m).reshape(mod.weight.shape)
         with torch.no_grad():
             mod.weight.mul_(keep.to(mod.weight.dtype))
@@ -196,7 +213,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def get_taskedge_model(model: nn.Module, config: TaskEdgeConfig, calib_batches: Iterable) -> tuple[nn.Module, Mask]:
     """One call for the centralised path: calibrate, (N:M prune), allocate, wrap."""
-    norms = collect_norms(model, config, calib_batches) if config.score in ("taskedge", "activation") or config.nm else None
+    norms = collect_norms(model, config, calib_batches) if config.score in STAT_SCORES or config.nm else None
     mask = build_mask(model, config, norms)
     apply_nm(model, config, norms)
     return apply_mask(model, mask, config), mask
@@ -205,7 +222,7 @@ def get_taskedge_model(model: nn.Module, config: TaskEdgeConfig, calib_batches: 
 def count_trainable(model: nn.Module, head: str | None = None) -> dict[str, int]:
     """Trainable entries split into sparse deltas and head, and the backbone size they are measured against."""
     hname = find_head(model, head)
-    deltas = sum(layer.values.numel() for layer in delta_layers(model).values())
+    deltas = sum(getattr(layer, t).numel() for layer in delta_layers(model).values() for t in layer.TRAINABLE)
     head_n = sum(p.numel() for p in model.get_submodule(hname).parameters()) if hname else 0
     return {"delta": deltas, "head": head_n, "backbone": backbone_parameters(model, hname)}
 

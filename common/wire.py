@@ -114,6 +114,8 @@ def load(model: nn.Module, arrays: dict[str, np.ndarray], head: str | None | boo
         mod, _, leaf = key.rpartition(".")
         if mod in layers and leaf == "values":
             layer = layers[mod]
+            if "values" not in layer.TRAINABLE:  # common.lora: values derive from lora_B (common.lora.unpack_lora)
+                raise ValueError(f"'{key}': the values of '{mod}' are derived, not loadable; load its factors instead")
             if arr.shape != tuple(layer.values.shape) or arr.dtype.kind != "f":
                 raise ValueError(f"'{key}': expected float array of shape {tuple(layer.values.shape)}, "
                                  f"got {arr.dtype} {arr.shape}")

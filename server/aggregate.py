@@ -62,3 +62,38 @@ def masked_mean(current: Arrays, updates: Sequence[Update]) -> tuple[Arrays, dic
         avg[key] = out.astype(np.asarray(cur).dtype).reshape(np.shape(cur))
         den_out[key] = den.reshape(np.shape(cur))
     return avg, den_out
+
+
+def masked_robust(current: Arrays, updates: Sequence[Update], how: str = "median", beta: float = 0.2) -> Arrays:
+    """Per-entry coordinate-wise median or trimmed mean over the clients that trained each entry.
+
+    Unweighted, like Flower's FedMedian / FedTrimmedAvg (an example count is itself a claim an
+    attacker makes). Clients with weight 0 do not count; entries nobody trained keep `current`.
+    `trimmed` cuts int(beta * k) values at each end of the k trainers of an entry.
+    """
+    if how not in ("median", "trimmed"):
+        raise ValueError(f"how must be 'median' or 'trimmed', got {how!r}")
+    out: Arrays = {}
+    live = [u for u in updates if u.weight > 0]
+    for key, cur in current.items():
+        flat_cur = np.asarray(cur).reshape(-1)
+        rows = np.full((len(live), flat_cur.size), np.nan, dtype=np.float64)
+        for i, u in enumerate(live):
+            if key in u.arrays:
+                vals = np.asarray(u.arrays[key], dtype=np.float64).reshape(-1)
+                rows[i, u.positions[key] if key in u.positions else slice(None)] = vals
+        k = np.sum(~np.isnan(rows), axis=0)
+        res = flat_cur.astype(np.float64, copy=True)
+        hit = k > 0
+        if hit.any():
+            if how == "median":
+                res[hit] = np.nanmedian(rows[:, hit], axis=0)
+            else:
+                srt = np.sort(rows[:, hit], axis=0)  # NaN sort last
+                kk = k[hit]
+                cut = (beta * kk).astype(np.int64)
+                idx = np.arange(len(live))[:, None]
+                keep = (idx >= cut) & (idx < kk - cut)
+                res[hit] = np.where(keep, srt, 0.0).sum(axis=0) / keep.sum(axis=0)
+        out[key] = res.astype(np.asarray(cur).dtype).reshape(np.shape(cur))
+    return out

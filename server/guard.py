@@ -23,9 +23,9 @@ from .recorder import RoundLog
 
 
 class ReplyGuard(Strategy):
-    def __init__(self, strategy: Strategy, log: RoundLog, min_replies: int = 1,
+    def __init__(self, strategy: Strategy, log: RoundLog, min_replies: int = 1, max_examples: int = 10**9,
                  on_failure: Callable[[int], None] | None = None):
-        self.strategy, self.log, self.min_replies = strategy, log, min_replies
+        self.strategy, self.log, self.min_replies, self.max_examples = strategy, log, min_replies, max_examples
         self.on_failure = on_failure  # e.g. MaskDelivery.forget: a failed node may have lost its state
         self._sent: list[Message] = []
         self._specs: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -52,8 +52,8 @@ class ReplyGuard(Strategy):
                 if nid not in got:
                     raise validate.BadReply("no reply before the timeout")
                 out.append((nid, got[nid], check(got[nid])))
-            except validate.BadReply as exc:
-                drop(nid, str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever is wrong with one reply rejects that reply only
+                drop(nid, str(exc) if isinstance(exc, validate.BadReply) else f"unreadable ({type(exc).__name__}: {exc})")
                 if self.on_failure is not None and (nid not in got or got[nid].has_error()):
                     self.on_failure(nid)
         return out
@@ -69,7 +69,8 @@ class ReplyGuard(Strategy):
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self._valid(replies, "training", lambda r: validate.train_reply(r, self._specs))
+        valid = self._valid(replies, "training", lambda r: validate.train_reply(r, self._specs, self.max_examples))
+        valid = [v for v in valid if v[2][1] > 0]  # a reply of 0 examples is valid but carries no weight
         self.log.set(replies=len(valid), bytes_up_per_client=float(np.mean([message_bytes(r) for _, r, _ in valid]))
                      if valid else 0.0)
         if len(valid) < self.min_replies:
@@ -77,7 +78,12 @@ class ReplyGuard(Strategy):
                           self.min_replies)
             self.log.set(skipped=True)
             return None, None
-        arrays, metrics = self.strategy.aggregate_train(server_round, [r for _, r, _ in valid])
+        try:
+            arrays, metrics = self.strategy.aggregate_train(server_round, [r for _, r, _ in valid])
+        except Exception as exc:  # noqa: BLE001 - the global state stays as it was
+            self.log.info("Round %d skipped: aggregation failed (%s: %s)", self.log.round, type(exc).__name__, exc)
+            self.log.set(skipped=True, aggregation_error=f"{type(exc).__name__}: {exc}")
+            return None, None
         if metrics is not None:
             self.log.set(train_loss=metrics.get("train-loss"), train_acc=metrics.get("train-acc"))
         return arrays, metrics
@@ -87,10 +93,15 @@ class ReplyGuard(Strategy):
         return self._book(self.strategy.configure_evaluate(server_round, arrays, config, grid), "eval_")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        valid = self._valid(replies, "evaluation", validate.eval_reply)
+        valid = self._valid(replies, "evaluation", lambda r: validate.eval_reply(r, self.max_examples))
         if not valid:
             return None
-        metrics = self.strategy.aggregate_evaluate(server_round, [r for _, r, _ in valid])
+        try:
+            metrics = self.strategy.aggregate_evaluate(server_round, [r for _, r, _ in valid])
+        except Exception as exc:  # noqa: BLE001
+            self.log.info("Round %d: federated evaluation not aggregated (%s: %s)", self.log.round,
+                          type(exc).__name__, exc)
+            return None
         if metrics is not None:
             self.log.set(fed_loss=metrics.get("eval-loss"), fed_acc=metrics.get("eval-acc"))
         return metrics

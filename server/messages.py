@@ -20,24 +20,43 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def _record_bytes(rec) -> int:
+    """`count_bytes()` of a record; flwr 1.42's ConfigRecord.count_bytes() raises on an empty string
+    (a client can send one), so such a record is counted here: key + payload (8 B per number)."""
+    try:
+        return int(rec.count_bytes())
+    except ValueError:
+        return sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else 8) for k, v in rec.items())
+
+
 def content_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's content (all records)."""
-    return int(sum(rec.count_bytes() for rec in content.values()))
+    return int(sum(_record_bytes(rec) for rec in content.values()))
 
 
 def message_bytes(msg: Message) -> int:
     return 0 if msg.has_error() else content_bytes(msg.content)
 
 
-def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float = 600.0) -> list[int]:
-    """Connected node ids once at least `min_nodes` are there (the grid starts empty)."""
-    start, last = time.time(), -1
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float | None = None, log_every: float = 30.0,
+                   what: str = "min-nodes") -> list[int]:
+    """Connected node ids once at least `min_nodes` are there (the grid starts empty).
+
+    While waiting it logs how many nodes it has and needs, at once and then every `log_every`
+    seconds. `timeout=None` waits as long as it takes (the run can be stopped with `flwr stop`);
+    otherwise TimeoutError after `timeout` seconds. `what` names the setting in the messages.
+    """
+    start = time.monotonic()
+    next_log = start
     while len(nodes := sorted(grid.get_node_ids())) < min_nodes:
-        if len(nodes) != last:
-            log(INFO, "Waiting for nodes: %d connected, %d required", len(nodes), min_nodes)
-            last = len(nodes)
-        if time.time() - start > timeout:
-            raise TimeoutError(f"only {len(nodes)} of min-nodes={min_nodes} nodes connected after {timeout:.0f} s")
+        now = time.monotonic()
+        if timeout is not None and now - start >= timeout:
+            raise TimeoutError(f"{len(nodes)} node(s) connected, {what}={min_nodes} needed, after waiting "
+                               f"{timeout:.0f} s")
+        if now >= next_log:
+            log(INFO, "Waiting for nodes: %d connected, %d needed (%s); waited %.0f s", len(nodes), min_nodes,
+                what, now - start)
+            next_log = now + log_every
         time.sleep(0.5)
     return nodes
 

@@ -11,13 +11,14 @@ Every reply is validated; a bad one is dropped with a reason in the run's result
 """
 from __future__ import annotations
 
+import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.allocation import Mask
 from common.methods import base_model
 from common.settings import AppConfig
-from common.stats import FeatureStats
+from common.stats import collect_stats
 from common.tuner import target_modules
 from common.wire import nested
 
@@ -43,31 +44,48 @@ def _send(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, nodes:
     return replies
 
 
+def max_examples(cfg: AppConfig) -> int:
+    """The largest credible num-examples of one reply: `max-examples`, else the task's training split."""
+    from common.data import get_task
+
+    return cfg.max_examples or get_task(cfg.task).train_size
+
+
+def _stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Statistic shape and rows per calibration example of every target module (one probe example)."""
+    from common.data import get_task
+
+    size = get_task(cfg.task).image_size
+    probe = collect_stats(base, targets, [torch.zeros(1, 3, size, size)])
+    return ({n: tuple(st.ss.shape) for n, st in probe.items()}, {n: int(st.n) for n, st in probe.items()})
+
+
 def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -> Mask | None:
     """Ask `nodes` for statistics and reconcile them; None when fewer than min-replies were valid."""
     base, tcfg = _base(cfg), cfg.taskedge_config()
     targets = target_modules(base, tcfg)
-    specs = {}
-    for name, mod in targets.items():
-        specs[f"{name}.ss"] = (tuple(FeatureStats(mod).ss.shape), "float64")
-        specs[f"{name}.n"] = ((1,), "int64")
-    vote_specs = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
+    shapes, rows = _stats_limits(base, cfg, targets)
+    vote_sizes = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
     replies = _send(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "stats")
     stats, votes = [], []
     for nid in nodes:
         try:
             if nid not in replies:
                 raise validate.BadReply("no reply before the timeout")
-            st, vt, _ = validate.stats_reply(replies[nid], specs, vote_specs)
-        except validate.BadReply as exc:
-            log.drop(nid, f"statistics: {exc}")
+            st, vt, _ = validate.stats_reply(replies[nid], shapes, rows, cfg.calib_size, max_examples(cfg),
+                                             vote_sizes)
+        except Exception as exc:  # noqa: BLE001 - one reply, whatever is wrong with it, never stops the phase
+            log.drop(nid, f"statistics: {exc}" if isinstance(exc, validate.BadReply)
+                     else f"statistics: unreadable reply ({type(exc).__name__}: {exc})")
             continue
         stats.append(st)
         votes.append(vt)
     log.info("Statistics phase: %d/%d valid replies", len(stats), len(nodes))
     if len(stats) < cfg.min_replies:
         return None
-    return stats_mask(base, tcfg, stats) if cfg.reconcile == "stats" else vote_mask(base, tcfg, stats, votes)
+    if cfg.reconcile == "vote":
+        return vote_mask(base, tcfg, stats, votes)
+    return stats_mask(base, tcfg, stats, cfg.stats_aggregation)
 
 
 class MaskDelivery:
@@ -103,7 +121,7 @@ class MaskDelivery:
                         raise validate.BadReply("no reply before the timeout")
                     self.ranks[nid] = validate.mask_reply(replies[nid], self.version)
                     self._holders[nid] = self.version
-                except validate.BadReply as exc:
+                except Exception as exc:  # noqa: BLE001 - one reply never stops the phase
                     self.log.drop(nid, f"mask delivery: {exc}")
         return {n for n in nodes if self._holders.get(n) == self.version}
 

@@ -21,13 +21,15 @@ from torch import nn
 
 from common.allocation import Mask, allocate, budget_entries
 from common.config import TaskEdgeConfig
-from common.stats import arrays_to_norms, sum_stats
+from common.stats import arrays_to_norms, median_stats, sum_stats
 from common.tuner import backbone_parameters, build_mask, find_head, score_modules
 
 
-def stats_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]]) -> Mask:
-    """Exact global mask from summed client statistics."""
-    norms = arrays_to_norms(sum_stats(stats)) if stats else None
+def stats_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]],
+               pooling: str = "sum") -> Mask:
+    """Global mask from the clients' statistics: exact with `sum`; `median` bounds each client's pull."""
+    pool = {"sum": sum_stats, "median": median_stats}[pooling]
+    norms = arrays_to_norms(pool(stats)) if stats else None
     return build_mask(model, tcfg, norms)
 
 

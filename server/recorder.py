@@ -23,7 +23,8 @@ from .checkpoint import Checkpoint, save_checkpoint
 CSV_FIELDS = ["round", "central_acc", "central_loss", "fed_acc", "fed_loss", "train_loss", "train_acc",
               "replies", "dropped", "skipped", "bytes_up", "bytes_down", "bytes_up_per_client",
               "bytes_down_per_client", "eval_bytes_down", "eval_bytes_up", "query_bytes_up", "query_bytes_down",
-              "cum_bytes", "trainable_entries", "mask_entries", "round_time_s", "wall_time_s"]
+              "cum_bytes", "trainable_entries", "mask_entries", "round_time_s", "wall_time_s",
+              "dp_epsilon", "dp_delta", "secagg_active", "secagg_quant_bound"]  # privacy (server/privacy.py)
 
 
 def new_run_dir(output_dir: str | os.PathLike, method: str) -> Path:

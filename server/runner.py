@@ -1,6 +1,6 @@
 """One federation run on any Grid, phase by phase: used by the ServerApp and by the in-process tests.
 
-    wait for min-nodes -> [taskedge] statistics phase -> reconcile -> mask delivery
+    wait for min-nodes (once) -> [taskedge] statistics phase -> reconcile -> mask delivery
     -> Strategy.start(R rounds) -> [every reconcile-every rounds: statistics -> reconcile -> start]
     -> export the merged model, write the summary
 
@@ -20,16 +20,17 @@ from flwr.serverapp.strategy import Strategy
 
 from common.allocation import Mask
 from common.local import local_eval
-from common.methods import export, get_arrays, method_model, num_entries, set_arrays
+from common.methods import MASK_METHODS, carry_arrays, export, get_arrays, method_model, num_entries, set_arrays
 from common.partition import server_test_split
 from common.settings import AppConfig
-from common.wire import PACKED, carry_values
 
 from .checkpoint import Checkpoint, export_model, load_checkpoint
 from .guard import ReplyGuard
 from .messages import array_record, wait_for_nodes
-from .phases import MaskDelivery, statistics_phase
+from .phases import MaskDelivery, max_examples, statistics_phase
 from .recorder import RoundLog, RunRecorder, new_run_dir
+from .privacy import Privacy, PrivacyBudgetExhausted
+from .robust import UpdateClipping
 from .strategy import make_strategy, momentum_state, restore_momentum
 
 
@@ -51,10 +52,46 @@ def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def _reconcile(grid: Grid, fed: Federation, delivery: MaskDelivery, log: RoundLog) -> bool:
+class _Nodes:
+    """Which nodes a phase goes on with after the start: whoever is connected, if at least max(1, min-replies).
+
+    `min-nodes` is waited for once, before the first phase; a node lost later does not stall the run.
+    Each round says once when it goes on with fewer than min-nodes nodes or without a node seen before.
+    With fewer than max(1, min-replies) connected it waits up to round-timeout (logging every 30 s), then
+    fails with the command that resumes from the last checkpoint.
+    """
+
+    def __init__(self, grid: Grid, cfg: AppConfig, log: RoundLog, run_dir: Path | None, nodes: list[int]):
+        self.grid, self.cfg, self.log, self.run_dir = grid, cfg, log, run_dir
+        self.seen, self.said = set(nodes), set()
+
+    def __call__(self, rnd: int) -> list[int]:
+        cfg, need = self.cfg, max(1, self.cfg.min_replies)
+        try:
+            nodes = wait_for_nodes(self.grid, need, cfg.round_timeout, what="min-replies")
+        except TimeoutError as exc:
+            ck = self.run_dir / "checkpoint.safetensors" if self.run_dir else None
+            src = str(self.run_dir) if ck is not None and ck.is_file() else cfg.resume
+            how = (f"resume from the last complete round with: flwr run . <connection> --run-config "
+                   f"\"resume='{src}'\" (plus this run's other overrides)") if src else "no round was completed"
+            raise RuntimeError(f"round {rnd}: {exc}; {how}") from None
+        lost = sorted(self.seen - set(nodes))
+        if (len(nodes) < cfg.min_nodes or lost) and rnd not in self.said:
+            self.said.add(rnd)
+            self.log.info("Round %d: going on with the %d connected node(s)%s (min-nodes=%d is waited for only "
+                          "before the first phase; a round needs min-replies=%d valid replies)", rnd, len(nodes),
+                          f", without node(s) {', '.join(map(str, lost))}" if lost else "", cfg.min_nodes,
+                          cfg.min_replies)
+        self.seen.update(nodes)
+        return nodes
+
+
+def _reconcile(grid: Grid, fed: Federation, delivery: MaskDelivery, log: RoundLog, nodes: list[int],
+               privacy: Privacy | None = None) -> bool:
     """Statistics phase + new mask; surviving entries keep their learned values. False: skipped."""
     cfg = fed.cfg
-    mask = statistics_phase(grid, cfg, wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout), log)
+    mask = (privacy.statistics_phase(grid, nodes, fed.mask_version) if privacy is not None and privacy.active
+            else statistics_phase(grid, cfg, nodes, log))  # secure / DP statistics: server/privacy.py
     if mask is None:
         if fed.mask is None:
             why = "; ".join(d["reason"] for d in log.dropped[-3:])
@@ -62,12 +99,11 @@ def _reconcile(grid: Grid, fed: Federation, delivery: MaskDelivery, log: RoundLo
                                + (f" (e.g. {why})" if why else ""))
         log.info("Re-reconciliation skipped: too few valid statistics replies")
         return False
-    arrays = get_arrays("taskedge", method_model(cfg, mask))
+    arrays = get_arrays(cfg.method, method_model(cfg, mask))
     if fed.mask is not None:
-        arrays[PACKED] = carry_values(fed.mask, fed.arrays[PACKED], mask)
-        arrays.update((k, v) for k, v in fed.arrays.items() if k != PACKED)
+        arrays = carry_arrays(cfg.method, fed.mask, fed.arrays, mask, arrays)
         log.info("Re-reconciled mask v%d: %d entries, %d carried values", fed.mask_version + 1, mask.num_entries,
-                 int(np.count_nonzero(arrays[PACKED])))
+                 int(np.count_nonzero(next(iter(arrays.values())))))
     fed.mask, fed.mask_version, fed.arrays = mask, fed.mask_version + 1, arrays
     delivery.install(mask, fed.mask_version)
     return True
@@ -85,28 +121,36 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     ck = load_checkpoint(cfg.resume) if cfg.resume else None
     if ck is not None and ck.method != cfg.method:
         raise ValueError(f"run config 'resume': checkpoint is for method {ck.method!r}, not {cfg.method!r}")
-    delivery = MaskDelivery(cfg, log) if cfg.method == "taskedge" else None
+    delivery = MaskDelivery(cfg, log) if cfg.method in MASK_METHODS else None
+    nodes = wait_for_nodes(grid, cfg.min_nodes)  # min-nodes: only before the first phase (no time limit)
+    connected = _Nodes(grid, cfg, log, fed.run_dir, nodes)
+    privacy = Privacy(cfg, log, delivery, nodes, fed.run_dir)  # inactive unless secure-aggregation / dp is set
+    privacy.plan(cfg.num_server_rounds - (ck.round if ck else 0), int(delivery is not None and ck is None)
+                 + (len(range(cfg.reconcile_every, cfg.num_server_rounds, cfg.reconcile_every))
+                    if delivery is not None and cfg.reconcile_every else 0))
     if delivery is None:
         fed.arrays = get_arrays(cfg.method, method_model(cfg))
     elif ck is None:
-        _reconcile(grid, fed, delivery, log)
+        _reconcile(grid, fed, delivery, log, nodes, privacy)
     else:
         fed.mask, fed.mask_version = ck.mask, ck.mask_version
         delivery.install(ck.mask, ck.mask_version)
     if ck is not None:
         fed.arrays = dict(ck.arrays)
         log.info("Resuming from %s at round %d", cfg.resume, ck.round)
-    nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
+    done = ck.round if ck else 0
     if delivery is not None:
-        delivery.ensure(grid, nodes)  # the mask phase: also tells each node's budget rank
-    nested = delivery is not None and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks))
+        delivery.ensure(grid, connected(done + 1))  # the mask phase: also tells each node's budget rank
+    nested = cfg.method == "taskedge" and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks))
     strategy = make_strategy(cfg, delivery, nested)
     keys = list(fed.arrays)
     restore_momentum(strategy, ck.opt_state if ck else {}, keys)
-    guard = ReplyGuard(wrap(strategy) if wrap else strategy, log, cfg.min_replies, delivery.forget if delivery else None)
+    inner = privacy.wrap(strategy, wrap, nested)  # `wrap`, or run config dp's wrapper; privacy bookkeeping
+    if (cfg.clip_norm > 0 or cfg.clip_factor > 0) and not cfg.secure_aggregation:  # secure: nodes clip
+        inner = UpdateClipping(inner, log, cfg.clip_norm, cfg.clip_factor)
+    guard = ReplyGuard(inner, log, cfg.min_replies, max_examples(cfg), delivery.forget if delivery else None)
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
     model = method_model(cfg, fed.mask)
-    done = ck.round if ck else 0
     first = True
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -123,30 +167,39 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
                                                     momentum_state(strategy, keys), cfg.to_dict()),
                            trainable_entries=num_entries(fed.arrays), mask_version=fed.mask_version,
                            mask_entries=fed.mask.num_entries if fed.mask else 0)
+        if rnd < cfg.num_server_rounds:
+            connected(rnd + 1)  # enough nodes for the next round, or fail naming the resume command
         return MetricRecord({"central-acc": central["acc"], "central-loss": central["loss"]}) if central else None
 
     every = cfg.reconcile_every if delivery is not None else 0
     while done < cfg.num_server_rounds:
-        if every and done > 0 and done % every == 0 and not first and _reconcile(grid, fed, delivery, log):
+        if every and done > 0 and done % every == 0 and not first and _reconcile(grid, fed, delivery, log,
+                                                                                 connected(done + 1), privacy):
             model = method_model(cfg, fed.mask)
             restore_momentum(strategy, {}, keys)
         rounds = min(every - done % every if every else cfg.num_server_rounds, cfg.num_server_rounds - done)
         conf = {**cfg.client_config(), "mask-version": fed.mask_version, "round-offset": done}
-        guard.start(grid=grid, initial_arrays=array_record(fed.arrays), num_rounds=rounds, timeout=cfg.round_timeout,
-                    train_config=ConfigRecord(dict(conf)), evaluate_config=ConfigRecord(dict(conf)),
-                    evaluate_fn=end_round)
+        try:
+            guard.start(grid=privacy.grid(grid), initial_arrays=array_record(fed.arrays), num_rounds=rounds,
+                        timeout=cfg.round_timeout, train_config=ConfigRecord(dict(conf)),
+                        evaluate_config=ConfigRecord(dict(conf)), evaluate_fn=end_round)
+        except PrivacyBudgetExhausted as exc:  # max-epsilon: stop before the release, keep what was trained
+            privacy.stopped = f"stopped after round {len([r for r in recorder.rounds if 'sent' in r])}: {exc}"
+            log.info("Privacy budget: %s", privacy.stopped)
+            break
         done, first = done + rounds, False
     fed.history, fed.dropped = recorder.rounds, log.dropped
     fed.node_rank = dict(delivery.ranks) if delivery else {}
-    return fed, _finish(fed, recorder, model)
+    return fed, _finish(fed, recorder, model, privacy.summary())
 
 
-def _finish(fed: Federation, recorder: RunRecorder, model) -> dict:
+def _finish(fed: Federation, recorder: RunRecorder, model, extra: dict | None = None) -> dict:
     """Export the merged model and write the run summary."""
     cfg = fed.cfg
     set_arrays(cfg.method, model, fed.arrays)
     summary = summarize(fed.history, cfg.method)
     summary["dropped_replies"] = len(fed.dropped)
+    summary.update(extra or {})  # privacy: final (epsilon, delta), secure aggregation, why a run stopped early
     if fed.run_dir is not None:
         export_model(export(cfg.method, model).state_dict(), fed.run_dir / "final_model.safetensors",
                      {"method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": summary.get("rounds", 0)})

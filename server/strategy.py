@@ -12,10 +12,12 @@ Two things really differ and are added here:
   before it is asked to train (`MaskDelivery`, server/phases.py: a node that joined after the
   mask phase or lost its state gets the indices once); Strategy.start offers no other hook
   between sampling and sending.
-* `NestedFedAvg` (only when some node has a smaller budget rank): each entry is averaged over
-  the nodes that trained it, with its own denominator, as `server.aggregate.masked_mean`; the
-  result then goes through the parent's `aggregate_train` as a single reply, so FedAvgM's
-  momentum applies unchanged.
+* `Nested…` (only when some node has a smaller budget rank): each entry is averaged over the
+  nodes that trained it, with its own denominator (`server.aggregate.masked_mean`; median and
+  trimmed mean per entry with `aggregation`); the result then goes through the parent's
+  `aggregate_train` as a single reply, so FedAvgM's momentum applies unchanged.
+
+`aggregation='trimmed'|'median'` uses Flower's FedTrimmedAvg / FedMedian as the base.
 """
 from __future__ import annotations
 
@@ -24,12 +26,12 @@ from collections.abc import Iterable
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedAvgM
+from flwr.serverapp.strategy import FedAvg, FedAvgM, FedMedian, FedTrimmedAvg
 
 from common.settings import AppConfig
 from common.wire import PACKED
 
-from .aggregate import Update, masked_mean
+from .aggregate import Update, masked_mean, masked_robust
 from .messages import array_record
 from .phases import MaskDelivery
 
@@ -75,7 +77,12 @@ class _NestedMean:
                 arrays[PACKED] = arrays[PACKED][p]
             weight = float(next(iter(r.content.metric_records.values()))[self.weighted_by_key])
             updates.append(Update(arrays, weight, {PACKED: p} if p is not None else {}))
-        avg, _ = masked_mean(current, updates)
+        if isinstance(self, FedMedian):
+            avg = masked_robust(current, updates, "median")
+        elif isinstance(self, FedTrimmedAvg):
+            avg = masked_robust(current, updates, "trimmed", self.beta)
+        else:
+            avg, _ = masked_mean(current, updates)
         one = Message(RecordDict({self.arrayrecord_key: array_record({k: avg[k] for k in current}),
                                   "metrics": MetricRecord({self.weighted_by_key: 1})}),
                       dst_node_id=0, message_type=MessageType.TRAIN)
@@ -91,22 +98,35 @@ class TaskEdgeFedAvgM(_DeliversMask, FedAvgM):
     """FedAvgM (server momentum on the pseudo-gradient) with mask delivery."""
 
 
-class NestedFedAvg(_NestedMean, TaskEdgeFedAvg):
-    """TaskEdgeFedAvg with per-entry denominators for heterogeneous (nested) budgets."""
+class TaskEdgeFedTrimmedAvg(_DeliversMask, FedTrimmedAvg):
+    """Flower's coordinate-wise trimmed mean with mask delivery (aggregation='trimmed')."""
 
 
-class NestedFedAvgM(_NestedMean, TaskEdgeFedAvgM):
-    """TaskEdgeFedAvgM with per-entry denominators for heterogeneous (nested) budgets."""
+class TaskEdgeFedMedian(_DeliversMask, FedMedian):
+    """Flower's coordinate-wise median with mask delivery (aggregation='median')."""
+
+
+BASES = {("mean", "fedavg"): TaskEdgeFedAvg, ("mean", "fedavgm"): TaskEdgeFedAvgM,
+         ("trimmed", "fedavg"): TaskEdgeFedTrimmedAvg, ("median", "fedavg"): TaskEdgeFedMedian}
+NESTED = {cls: type(f"Nested{cls.__name__[8:]}", (_NestedMean, cls),
+                    {"__doc__": f"{cls.__name__} with per-entry statistics over the nodes that trained each entry."})
+          for cls in BASES.values()}
 
 
 def make_strategy(cfg: AppConfig, delivery: MaskDelivery | None, nested: bool) -> FedAvg:
     """The strategy for a run configuration; `nested` when some node trains a smaller budget."""
-    momentum = cfg.server_opt == "fedavgm"
-    cls = {(False, False): TaskEdgeFedAvg, (False, True): TaskEdgeFedAvgM,
-           (True, False): NestedFedAvg, (True, True): NestedFedAvgM}[(nested, momentum)]
-    kw = dict(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum) if momentum else {}
+    cls = BASES[(cfg.aggregation, cfg.server_opt)]
+    cls = NESTED[cls] if nested else cls
+    kw = {}
+    if cfg.server_opt == "fedavgm":
+        kw = dict(server_learning_rate=cfg.server_lr, server_momentum=cfg.server_momentum)
+    elif cfg.aggregation == "trimmed":
+        kw = dict(beta=cfg.trim_beta)
+    # min-nodes is waited for once, before the first phase (server/runner.py); a round samples whoever is
+    # connected then (at least 1): Flower's sample_nodes waits without a time limit for min_available_nodes,
+    # so one lost node of min-nodes would stall every later round.
     strategy = cls(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=1,
-                   min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0, min_available_nodes=cfg.min_nodes, **kw)
+                   min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0, min_available_nodes=1, **kw)
     strategy.delivery = delivery
     return strategy
 

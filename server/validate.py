@@ -1,16 +1,32 @@
-"""Reply validation: a bad reply is dropped from the round with a reason, never aggregated.
+"""Reply validation: every field a client sends is checked before use; a bad reply is dropped with a reason.
 
-Stock FedAvg sums arrays key-wise without shape checks (a ragged reply silently broadcasts into
-garbage), so every reply is checked against what the server sent: exact key set, dtype,
-shape, finite values, a sane example count. Arrays are decoded with Flower's `Array.numpy()`,
-which loads with allow_pickle=False: received data is never unpickled.
+Flower's FedAvg sums arrays key-wise without shape checks (a ragged reply is silently broadcast into
+garbage), so every reply is checked against what the server sent and what it can justify:
+
+* arrays: exact key set; dtype, shape and byte size read from the record's metadata BEFORE anything
+  is decoded (a 400 MB array is refused unread); the payload must be a plain numpy array
+  (`Array.numpy()` loads with allow_pickle=False: received data is never unpickled, and an `.npz`
+  archive is refused); after decoding, the same dtype and shape again, finite values, and
+  |value| <= MAX_ABS (no trained weight, delta or statistic of these models comes near it).
+* counts (num-examples, budget rank, row counts): integral, finite, within limits the server set
+  (`max-examples`, the calibration size times the rows one example makes in that module).
+* metrics: finite scalars; losses >= 0, accuracies in [0, 1]; lists are refused.
+Any other exception while reading a reply is turned into a BadReply by the caller (the guard and the
+phases catch everything per reply), so one reply can never stop a round.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
+
+MAX_ABS = 1e6  # largest credible |value| of a trained array entry
+MAX_MEAN_SQUARE = 1e24  # largest credible per-column mean square of an activation (RMS 1e12)
+HEADER_BYTES = 1024  # room for the .npy header in a serialized Array
+
+Spec = tuple[tuple[int, ...], str]  # (shape, dtype name)
 
 
 class BadReply(ValueError):
@@ -26,94 +42,146 @@ def _record(msg: Message, name: str, kind: type):
     return rec
 
 
-def decode(record: ArrayRecord, specs: Mapping[str, tuple[tuple[int, ...], str]]) -> dict[str, np.ndarray]:
-    """Arrays of a record checked against key -> (shape, dtype kind/name). Raises BadReply."""
-    unknown = sorted(set(record.keys()) - set(specs))
+def _keys(record: ArrayRecord, expected) -> None:
+    unknown = sorted(set(record.keys()) - set(expected))
     if unknown:
         raise BadReply(f"unknown key '{unknown[0]}'" + (f" (+{len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    missing = sorted(set(specs) - set(record.keys()))
+    missing = sorted(set(expected) - set(record.keys()))
     if missing:
         raise BadReply(f"missing key '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
-    out = {}
-    for key, (shape, dtype) in specs.items():
-        try:
-            arr = record[key].numpy()
-        except Exception as exc:  # undecodable, object arrays (would need pickle), ...
-            raise BadReply(f"'{key}' cannot be decoded: {type(exc).__name__}: {exc}") from None
-        if arr.dtype != np.dtype(dtype):
-            raise BadReply(f"'{key}' has dtype {arr.dtype}, expected {np.dtype(dtype)}")
-        if tuple(arr.shape) != tuple(shape):
-            raise BadReply(f"'{key}' has shape {tuple(arr.shape)} (length {arr.size}), expected {tuple(shape)}")
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise BadReply(f"'{key}' contains NaN/Inf")
-        out[key] = arr
-    return out
 
 
-def num_examples(metrics: MetricRecord, key: str = "num-examples", required: bool = True) -> int:
-    """A non-negative integer count (absent and not required: 0)."""
-    if key not in metrics and required:
-        raise BadReply(f"metrics lack '{key}'")
-    n = metrics.get(key, 0)
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not np.isfinite(n) or n < 0 or float(n) != int(n):
+def decode_array(record: ArrayRecord, key: str, shape: tuple[int, ...] | None, dtype: str,
+                 max_len: int | None = None) -> np.ndarray:
+    """One array, checked from its metadata before decoding. shape None: 1-D of at most `max_len`."""
+    a = record[key]
+    if a.stype != "numpy.ndarray":
+        raise BadReply(f"'{key}' is serialized as {a.stype!r}, expected a plain numpy array")
+    want = np.dtype(dtype)
+    if str(a.dtype) != want.name:
+        raise BadReply(f"'{key}' has dtype {a.dtype}, expected {want.name}")
+    got = tuple(int(d) for d in a.shape)
+    if shape is not None and got != tuple(shape):
+        raise BadReply(f"'{key}' has shape {got} (length {math.prod(got)}), expected {tuple(shape)}")
+    if shape is None and (len(got) != 1 or got[0] > max_len):
+        raise BadReply(f"'{key}' has shape {got}, expected a 1-D array of at most {max_len} entries")
+    if len(a.data) > math.prod(got) * want.itemsize + HEADER_BYTES:
+        raise BadReply(f"'{key}' carries {len(a.data)} bytes for a {got} {want.name} array")
+    try:
+        arr = a.numpy()
+    except Exception as exc:  # noqa: BLE001 - undecodable, object arrays (would need pickle), archives, ...
+        raise BadReply(f"'{key}' cannot be decoded: {type(exc).__name__}: {exc}") from None
+    if not isinstance(arr, np.ndarray) or arr.dtype != want or arr.shape != got:
+        raise BadReply(f"'{key}' decodes to {type(arr).__name__} {getattr(arr, 'dtype', '?')} "
+                       f"{getattr(arr, 'shape', '?')}, not the declared {want.name} {got}")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise BadReply(f"'{key}' contains NaN/Inf")
+    return arr
+
+
+def decode(record: ArrayRecord, specs: Mapping[str, Spec]) -> dict[str, np.ndarray]:
+    """Arrays of a record checked against key -> (shape, dtype). Raises BadReply."""
+    _keys(record, specs)
+    return {key: decode_array(record, key, shape, dtype) for key, (shape, dtype) in specs.items()}
+
+
+def count(metrics: MetricRecord, key: str, limit: int, required: bool = True) -> int:
+    """A non-negative integer count <= limit (absent and not required: 0)."""
+    if key not in metrics:
+        if required:
+            raise BadReply(f"metrics lack '{key}'")
+        return 0
+    n = metrics[key]
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n < 0 or n != int(n):
         raise BadReply(f"'{key}' must be a non-negative integer, got {n!r}")
+    if n > limit:
+        raise BadReply(f"'{key}' is {int(n)}, more than the limit {limit}")
     return int(n)
 
 
-def check_error(msg: Message) -> None:
+def scalar_metrics(metrics: MetricRecord, required: tuple[str, ...] = ()) -> dict[str, float]:
+    """Every metric a finite number; '*-loss' >= 0, '*-acc' in [0, 1]; `required` keys present."""
+    out = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise BadReply(f"metric '{k}' must be a finite number, got {type(v).__name__} {v!r:.40}")
+        if (k.endswith("-loss") and v < 0) or (k.endswith("-acc") and not 0 <= v <= 1):
+            raise BadReply(f"metric '{k}' is {v}, outside its range")
+        out[k] = float(v)
+    for k in required:
+        if k not in out:
+            raise BadReply(f"metrics lack '{k}'")
+    return out
+
+
+def check_error(msg: Message, records: tuple[str, ...]) -> None:
+    """No error, and exactly the expected records (nothing extra a later step might trip on)."""
     if msg.has_error():
         raise BadReply(f"client error: {msg.error.reason}")
+    if sorted(msg.content.keys()) != sorted(records):
+        raise BadReply(f"records {sorted(msg.content.keys())}, expected {sorted(records)}")
 
 
-def train_reply(msg: Message, specs: Mapping[str, tuple[tuple[int, ...], str]]) -> tuple[dict[str, np.ndarray], int, dict]:
-    """(arrays, num-examples, metrics dict) of a training reply, or BadReply."""
-    check_error(msg)
+def train_reply(msg: Message, specs: Mapping[str, Spec], max_examples: int) -> tuple[dict[str, np.ndarray], int, dict]:
+    """(arrays, num-examples, metrics) of a training reply, or BadReply."""
+    check_error(msg, ("arrays", "metrics"))
     metrics = _record(msg, "metrics", MetricRecord)
-    n = num_examples(metrics)
+    n = count(metrics, "num-examples", max_examples)
+    m = scalar_metrics(metrics)
     arrays = decode(_record(msg, "arrays", ArrayRecord), specs)
-    return arrays, n, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    for key, arr in arrays.items():
+        if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > MAX_ABS:
+            raise BadReply(f"'{key}' has |value| {float(np.abs(arr).max()):.3g} > {MAX_ABS:g}")
+    return arrays, n, m
 
 
-def eval_reply(msg: Message) -> tuple[int, dict]:
-    check_error(msg)
+def eval_reply(msg: Message, max_examples: int) -> tuple[int, dict]:
+    check_error(msg, ("metrics",))
     metrics = _record(msg, "metrics", MetricRecord)
-    n = num_examples(metrics)
-    for k in ("eval-loss", "eval-acc"):
-        if k not in metrics or not np.isfinite(float(metrics[k])):
-            raise BadReply(f"metrics lack a finite '{k}'")
-    return n, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    return count(metrics, "num-examples", max_examples), scalar_metrics(metrics, ("eval-loss", "eval-acc"))
 
 
 def mask_reply(msg: Message, version: int) -> int:
     """The node's budget rank from its mask-delivery reply (0 = the whole mask), or BadReply."""
-    check_error(msg)
+    check_error(msg, ("info",))
     info = _record(msg, "info", MetricRecord)
     if info.get("mask-version") != version:
         raise BadReply(f"acknowledged mask version {info.get('mask-version')!r}, expected {version}")
-    return num_examples(info, "budget-rank", required=False)
+    return count(info, "budget-rank", 2**31, required=False)
 
 
-def stats_reply(msg: Message, stats_specs, vote_specs=None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict]:
-    """(stats arrays, vote arrays or None, info) of a statistics reply, or BadReply."""
-    check_error(msg)
+def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_example: Mapping[str, int], calib_size: int,
+                max_examples: int, vote_sizes: Mapping[str, int] | None = None
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict]:
+    """(stats arrays, vote arrays or None, info) of a statistics reply, or BadReply.
+
+    shapes: module -> statistic shape; rows_per_example: module -> rows one calibration example
+    adds to that module's count, so a row count must be a multiple of it and at most
+    `calib_size` examples' worth (the sum over clients then cannot overflow)."""
+    check_error(msg, ("info", "stats", "votes") if vote_sizes is not None else ("info", "stats"))
     info = _record(msg, "info", MetricRecord)
-    stats = decode(_record(msg, "stats", ArrayRecord), stats_specs)
-    for key, arr in stats.items():
-        if key.endswith(".ss") and (arr < 0).any():
-            raise BadReply(f"'{key}' has negative sums of squares")
-        if key.endswith(".n") and arr[0] <= 0:
-            raise BadReply(f"'{key}' row count must be > 0")
+    n_train = count(info, "num-examples", max_examples)
+    rec = _record(msg, "stats", ArrayRecord)
+    _keys(rec, [f"{m}.{p}" for m in shapes for p in ("ss", "n")])
+    stats = {}
+    for name, shape in shapes.items():
+        ss = decode_array(rec, f"{name}.ss", shape, "float64")
+        n = int(decode_array(rec, f"{name}.n", (1,), "int64")[0])
+        rows = rows_per_example[name]
+        if n <= 0 or n % rows or n // rows > calib_size:
+            raise BadReply(f"'{name}.n' is {n}: expected a positive multiple of {rows} rows per example, "
+                           f"for at most calib-size={calib_size} examples")
+        if (ss < 0).any() or (ss / n > MAX_MEAN_SQUARE).any():
+            raise BadReply(f"'{name}.ss' must be sums of squares in [0, {MAX_MEAN_SQUARE:g} x rows]")
+        stats[f"{name}.ss"], stats[f"{name}.n"] = ss, np.array([n], np.int64)
     votes = None
-    if vote_specs is not None:
-        rec = _record(msg, "votes", ArrayRecord)
+    if vote_sizes is not None:
+        vrec = _record(msg, "votes", ArrayRecord)
+        _keys(vrec, vote_sizes)
         votes = {}
-        unknown = sorted(set(rec.keys()) - set(vote_specs))
-        if unknown or set(vote_specs) - set(rec.keys()):
-            raise BadReply(f"vote keys differ from the target modules (e.g. '{(unknown or sorted(vote_specs))[0]}')")
-        for key, size in vote_specs.items():
-            arr = rec[key].numpy()
-            if arr.dtype.kind not in "iu" or arr.ndim != 1 or (arr.size and (arr.min() < 0 or arr.max() >= size)) \
-                    or np.unique(arr).size != arr.size:
+        for key, size in vote_sizes.items():
+            arr = decode_array(vrec, key, None, "int64", max_len=size)
+            if arr.size and (arr.min() < 0 or arr.max() >= size or np.unique(arr).size != arr.size):
                 raise BadReply(f"'{key}' must be unique integer indices in [0, {size})")
-            votes[key] = arr.astype(np.int64)
-    return stats, votes, {"num-examples": num_examples(info)}
+            votes[key] = arr
+    return stats, votes, {"num-examples": n_train}

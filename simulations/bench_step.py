@@ -10,6 +10,10 @@ init, no downloads), one fixed batch. For each method:
 * ``lora``     HF peft LoRA r=8 on the modules TaskEdge wraps + dense head, AdamW (grouped /
                depthwise convs that peft rejects at r=8 are left frozen and reported on stderr).
 * ``full``     every parameter trainable, AdamW.
+* ``taskedge-lora``  (opt-in: ``--methods ...,taskedge-lora``) ``get_taskedge_lora_model``: dW = M ⊙ (B A)
+               with A frozen, on a TaskEdge mask of ``--te-lora-budget`` (default 0.004, ~4 entries per
+               row on ViT-B) at rank ``--te-lora-rank`` (default 1: rows x 1 trainable, about plain
+               TaskEdge's 0.1 % count) + dense head, AdamW.
 
 step_s
     Median wall time of a whole training step (zero_grad, forward, cross-entropy, backward,
@@ -93,7 +97,8 @@ from common.config import TaskEdgeConfig  # noqa: E402
 from common.models import create_model  # noqa: E402
 from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
 
-METHODS = ("floor", "taskedge", "lora", "full")
+METHODS = ("floor", "taskedge", "lora", "full", "taskedge-lora")
+DEFAULT_METHODS = ("floor", "taskedge", "lora", "full")
 MIB = profiling.MIB
 CONV_SHAPES = [  # (batch, channels, input size, kernel, stride): depthwise layers of MobileNet-style nets
     (32, 16, 32, 3, 2), (32, 72, 16, 3, 2), (32, 88, 8, 3, 1), (32, 96, 8, 5, 2), (32, 240, 4, 5, 1),
@@ -147,6 +152,12 @@ def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optim
             p.requires_grad_(True)
     elif method == "full":
         model.requires_grad_(True)
+    elif method == "taskedge-lora":
+        from common.lora import TaskEdgeLoRAConfig, get_taskedge_lora_model
+
+        cfg = TaskEdgeLoRAConfig(budget=args.te_lora_budget, r=args.te_lora_rank, save_dtype=args.save_dtype,
+                                 conv_grad=args.conv_grad)
+        model, _ = get_taskedge_lora_model(model, cfg, calib)
     else:
         raise ValueError(method)
     model.train()
@@ -223,7 +234,10 @@ def parse_args(argv=None):
     p.add_argument("--conv-grad", default="auto", choices=("auto", "sparse", "dense"))
     p.add_argument("--calib-batches", type=int, default=2)
     p.add_argument("--calib-repeats", type=int, default=3)
-    p.add_argument("--methods", default=",".join(METHODS), help="comma list; floor is always run")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma list of {', '.join(METHODS)}; floor is always run")
+    p.add_argument("--te-lora-budget", type=float, default=0.004, help="taskedge-lora: size of the mask M")
+    p.add_argument("--te-lora-rank", type=int, default=1, help="taskedge-lora: rank of B")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-importance", action="store_true", help="skip the importance-pass timing")

@@ -13,25 +13,42 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# Only light imports at module level, so `--help` and option errors answer at once; torch, timm and
+# the training code are imported where they are used.
+from common import tuned
+from common.config import ALLOCATIONS, SAVE_DTYPES, SCORES
+from common.settings import parse_run_config
 
-from common.config import TaskEdgeConfig
-from common.data import get_task, load_image_folder, make_split
-from common.models import DEFAULT_MODEL, EMBEDDED_MODELS, create_embedded, create_model
-from common.train import batches, evaluate, make_optimizer, train_epochs
-from common.tuner import find_head, get_taskedge_model, mark_trainable, print_trainable_parameters
+if TYPE_CHECKING:
+    import torch
 
 METHODS = ("taskedge", "linear", "full")
+DEFAULT_MODEL = "taskedge-vit-tiny"  # = common.models.DEFAULT_MODEL (tests check), without importing torch
+DEFAULT_TASK = "shapes-downstream"  # = common.data.DEFAULT_TASK
+
+# option -> run-config key: these options follow the federation's rules (common.settings)
+FEDERATION_RULES = {"budget": "budget", "epochs": "local-epochs", "batch_size": "batch-size", "calib": "calib-size",
+                    "lr": "lr", "head_lr": "head-lr", "seed": "seed"}
+# this CLI's method -> the registry's method whose tuned rates it uses (common/defaults.json, as the federation)
+TUNED_AS = {"taskedge": "taskedge", "linear": "head-only", "full": "fedavg-full"}
+_SELECTION = tuned.selection()
 
 
 def build_model(args, num_classes: int) -> torch.nn.Module:
+    from common.models import EMBEDDED_MODELS, create_embedded, create_model
+
     if args.model in EMBEDDED_MODELS and args.weights is None:
         return create_embedded(num_classes, model=args.model)
     return create_model(args.model, num_classes=num_classes, pretrained=args.pretrained, weights=args.weights)
 
 
 def load_data(args):
+    import torch
+
+    from common.data import get_task, load_image_folder, make_split
+
     spec = get_task(args.task)
     if args.data_path:
         x, y = load_image_folder(args.data_path)
@@ -47,6 +64,10 @@ def load_data(args):
 
 def prepare(model, args, calib):
     """Make the requested parameters trainable; returns the TaskEdge mask (or None)."""
+    from common.config import TaskEdgeConfig
+    from common.train import batches
+    from common.tuner import find_head, get_taskedge_model, mark_trainable
+
     head = find_head(model)
     if args.method == "taskedge":
         cfg = TaskEdgeConfig(budget=args.budget, score=args.score, allocation=args.allocation,
@@ -62,6 +83,11 @@ def prepare(model, args, calib):
 
 
 def run(args) -> dict:
+    import torch
+
+    from common.train import evaluate, make_optimizer, train_epochs
+    from common.tuner import print_trainable_parameters
+
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     (xtr, ytr), calib, (xte, yte), num_classes = load_data(args)
@@ -72,7 +98,7 @@ def run(args) -> dict:
     line = print_trainable_parameters(model) if args.method == "taskedge" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"method={args.method} trainable tensors={trainable:,}")
-    opt = make_optimizer(model, args.lr)
+    opt = make_optimizer(model, args.lr, head_lr=args.head_lr)
     history = [{"epoch": 0, **{f"test_{k}": v for k, v in evaluate(model, xte, yte).items()}}]
     print(f"epoch 0: test acc {history[0]['test_acc']:.4f}")
     t0 = time.perf_counter()
@@ -92,36 +118,102 @@ def run(args) -> dict:
     return result
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer > 0, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be an integer > 0, got {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model or any timm model name")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="embedded model (taskedge-vit-tiny, taskedge-mobilenet-tiny; offline) or any timm model "
+                        "name (default: %(default)s)")
     p.add_argument("--weights", default=None, help="local .safetensors/.pth state dict (offline pre-trained weights)")
     p.add_argument("--pretrained", action="store_true", help="download timm weights from the hub (needs network)")
-    p.add_argument("--task", default="shapes-downstream")
+    p.add_argument("--task", default=DEFAULT_TASK,
+                   help="built-in generated task (default: %(default)s); decides classes and image size")
     p.add_argument("--data-path", default=None, help="local image folder / saved HF dataset instead of the embedded task")
-    p.add_argument("--method", choices=METHODS, default="taskedge")
-    p.add_argument("--budget", type=float, default=0.01, help="fraction of backbone params (<1) or entry count (>=1)")
-    p.add_argument("--score", default="taskedge")
-    p.add_argument("--allocation", default="neuron")
-    p.add_argument("--save-dtype", default="float32")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-2 taskedge/linear, 1e-3 full")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--train-size", type=int, default=None)
-    p.add_argument("--calib", type=int, default=256, help="calibration examples for the importance pass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--json", default="results/finetune.json")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--method", choices=METHODS, default="taskedge",
+                   help="taskedge = sparse task-aware entries + head, linear = head only, full = every weight "
+                        "(default: %(default)s)")
+    p.add_argument("--budget", type=float, default=_SELECTION["budget"],
+                   help="TaskEdge budget: fraction of backbone params in (0, 1), or an integer entry count >= 1 "
+                        "(default: %(default)s)")
+    p.add_argument("--score", choices=SCORES, default=_SELECTION["score"],
+                   help="importance score (default, from common/defaults.json: %(default)s)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=_SELECTION["allocation"],
+                   help="neuron = k entries per output neuron, neuron-cap = the same with a per-column cap, "
+                        "global = top entries overall (default: %(default)s)")
+    p.add_argument("--save-dtype", choices=SAVE_DTYPES, default="float32",
+                   help="precision of the activations kept for the sparse backward pass (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs, > 0 (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="AdamW rate of the deltas / weights, >= 0; omitted or 0 = the method's tuned default "
+                        "(common/defaults.json, shared with the federation)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="AdamW rate of the dense head, >= 0; omitted or 0 = the method's tuned default")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size, > 0 (default: %(default)s)")
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="training examples of the generated task (default: the task's full train split)")
+    p.add_argument("--calib", type=int, default=256,
+                   help="calibration examples for the importance pass, > 0 (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: %(default)s)")
+    p.add_argument("--threads", type=_positive_int, default=min(2, os.cpu_count() or 1),
+                   help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--json", default="results/finetune.json", help="where to write the results (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no per-batch progress bar")
     return p
 
 
+def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The federation's rules (common.settings) for the shared options; p.error (exit code 2) names the option."""
+    given = {key: getattr(args, opt) for opt, key in FEDERATION_RULES.items() if getattr(args, opt) is not None}
+    try:
+        parse_run_config(given)
+    except ValueError as err:
+        msg = str(err)
+        for opt, key in FEDERATION_RULES.items():
+            prefix = f"run config '{key}': "
+            if msg.startswith(prefix):
+                p.error(f"argument --{opt.replace('_', '-')}: {msg[len(prefix):]}")
+        p.error(msg)
+    if args.weights is not None and not Path(args.weights).expanduser().is_file():
+        p.error(f"argument --weights: no such file: {args.weights!r}")
+    if args.data_path is not None and not Path(args.data_path).expanduser().exists():
+        p.error(f"argument --data-path: no such file or folder: {args.data_path!r}")
+
+
+def validate_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--task and --model need the registries (torch, timm): checked after the cheap checks."""
+    from common.data import TASKS
+    from common.models import EMBEDDED_MODELS
+
+    if args.task not in TASKS:
+        p.error(f"argument --task: unknown task {args.task!r}; choose from {', '.join(sorted(TASKS))}")
+    if args.model not in EMBEDDED_MODELS and ":" not in args.model:  # "hf-hub:..." names go to timm as they are
+        import timm
+
+        if not timm.is_model(args.model):
+            p.error(f"argument --model: {args.model!r} is neither an embedded model "
+                    f"({', '.join(EMBEDDED_MODELS)}) nor a timm model name")
+
+
 def main(argv=None) -> dict:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    validate(p, args)
+    validate_names(p, args)
     if args.budget >= 1:
         args.budget = int(args.budget)
-    if args.lr is None:
-        args.lr = 1e-3 if args.method == "full" else 1e-2
+    if not args.lr:
+        args.lr = tuned.method_lr()[TUNED_AS[args.method]]
+    if not args.head_lr:
+        args.head_lr = tuned.method_head_lr()[TUNED_AS[args.method]]
     return run(args)
 
 

@@ -19,7 +19,7 @@ from common.wire import carry_values, nested, packed_positions, put, take
 from server.aggregate import Update, masked_mean
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.reconcile import stats_mask, vote_mask
-from server.strategy import NestedFedAvgM, make_strategy
+from server.strategy import NESTED, TaskEdgeFedAvgM, make_strategy
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def _reply(values, head, n, node):
 def test_nested_fedavgm_by_hand():
     """Per-entry denominators, then Flower's FedAvgM momentum on the result (lr 1, momentum 0.5)."""
     strategy = make_strategy(parse_run_config({"server-opt": "fedavgm", "server-momentum": 0.5}), None, nested=True)
-    assert isinstance(strategy, NestedFedAvgM)
+    assert type(strategy) is NESTED[TaskEdgeFedAvgM]
     strategy.delivery = _Ranks()
     cur = ArrayRecord({"values": Array(np.zeros(4, np.float32)), "head": Array(np.ones(2, np.float32))})
     strategy.current_global = strategy.current_arrays = cur

@@ -18,3 +18,31 @@ def test_taskedge_beats_linear_probe(tmp_path):
     assert saved["history"][-1]["test_acc"] == te["final_test_acc"]
     assert "backbone params" in saved["trainable_line"]
     assert te["final_test_acc"] > probe["final_test_acc"] + 0.02, (te["final_test_acc"], probe["final_test_acc"])
+
+
+def test_cli_defaults_match_the_library():
+    """finetune keeps its defaults as literals (no torch import for --help); they must stay in sync."""
+    from common.data import DEFAULT_TASK
+    from common.models import DEFAULT_MODEL, EMBEDDED_MODELS
+    from simulations import finetune
+
+    assert finetune.DEFAULT_MODEL == DEFAULT_MODEL
+    assert finetune.DEFAULT_TASK == DEFAULT_TASK
+    model_help = finetune.parser()._option_string_actions["--model"].help
+    assert all(name in model_help for name in EMBEDDED_MODELS), model_help
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--budget", "2.5"], "--budget"),
+    (["--epochs", "0"], "--epochs"),
+    (["--batch-size", "-1"], "--batch-size"),
+    (["--task", "nope"], "--task"),
+    (["--model", "nope"], "--model"),
+])
+def test_bad_options_exit_2_before_any_work(argv, option, capsys):
+    from simulations.finetune import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--json", ""])
+    assert exc.value.code == 2
+    assert f"error: argument {option}" in capsys.readouterr().err

@@ -30,7 +30,7 @@ def _hashes(x: torch.Tensor) -> set[str]:
 
 # ------------------------------------------------------------------ data
 def test_tasks_are_listed_and_unknown_names_fail():
-    assert set(D.TASKS) == {"shapes-upstream", "shapes-downstream"}
+    assert set(D.TASKS) == {"shapes-upstream", "glyphs-upstream", "upstream-mix", *D.SUITE}
     assert D.get_task().name == "shapes-downstream"
     with pytest.raises(ValueError, match="no-such-task") as err:
         D.get_task("no-such-task")
