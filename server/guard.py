@@ -65,7 +65,6 @@ class ReplyGuard(Strategy):
         entries = sum(int(np.prod(s)) for s, _ in self._specs.values())
         self.log.set(sent=len(msgs), bytes_down_per_client=float(np.mean([content_bytes(m.content) for m in msgs]))
                      if msgs else 0.0, bound_bytes_per_client=4.0 * entries)
-        self.log.info("Round %d: training on %d nodes", self.log.round, len(msgs))
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

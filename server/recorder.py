@@ -99,9 +99,16 @@ class RunRecorder:
         rec.update(cum_bytes=self._cum_bytes, round_time_s=now - self._last, wall_time_s=now - self._t0)
         self._last = now
         self.rounds = [r for r in self.rounds if r["round"] != rnd] + [rec]
-        flwr_log(INFO, "Round %d: central acc %s | fed acc %s | up %s B/client | down %s B/client | dropped %d%s",
-                 rnd, _fmt(rec.get("central_acc")), _fmt(rec.get("fed_acc")), _fmt(rec.get("bytes_up_per_client"), 0),
-                 _fmt(rec.get("bytes_down_per_client"), 0), rec["dropped"], " | SKIPPED" if rec["skipped"] else "")
+        if "sent" not in rec:  # before training (or a segment's start): the query phases' traffic only
+            flwr_log(INFO, "Round %d (before training): acc %s (loss %s) | statistics + mask phases: %s B", rnd,
+                     _fmt(rec.get("central_acc"), 3), _fmt(rec.get("central_loss"), 3),
+                     f"{(rec.get('query_bytes_up') or 0) + (rec.get('query_bytes_down') or 0):,}")
+        else:
+            flwr_log(INFO, "Round %d: acc %s (loss %s) | fed acc %s | %s replies | up %s B, down %s B per client | "
+                     "%.1f s%s%s", rnd, _fmt(rec.get("central_acc"), 3), _fmt(rec.get("central_loss"), 3),
+                     _fmt(rec.get("fed_acc"), 3), rec.get("replies", "-"), _fmt(rec.get("bytes_up_per_client"), 0, ","),
+                     _fmt(rec.get("bytes_down_per_client"), 0, ","), rec["round_time_s"],
+                     f" | dropped {rec['dropped']}" if rec["dropped"] else "", " | SKIPPED" if rec["skipped"] else "")
         if self.dir is not None:
             self.write()
             if checkpoint is not None:
@@ -119,45 +126,56 @@ class RunRecorder:
             w.writeheader()
             for r in self.rounds:
                 w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
-        plot_rounds(self.rounds, self.dir / "accuracy.png", title=f"{self.config.get('method', '')}")
+        c = self.config
+        plot_rounds(self.rounds, self.dir / "accuracy.png",
+                    title=f"{c.get('method')} on {c.get('task')} ({c.get('model')}): accuracy per round and per byte, "
+                          f"{c.get('partitioner')} partitions" + (f" (α={c.get('alpha')})" if c.get("partitioner") == "dirichlet" else ""))
 
 
 def plot_rounds(rounds: list[dict], path: str | os.PathLike, title: str = "",
                 series: dict[str, list[dict]] | None = None) -> Path | None:
-    """Accuracy vs round and vs cumulative bytes; `series` plots several runs together."""
+    """Accuracy vs round and vs cumulative bytes; `series` plots several runs together.
+
+    Round 0 is the model before training; its bytes are those of the statistics and mask phases."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter, MaxNLocator, NullFormatter
 
-    series = series or {title or "run": rounds}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    series = series or {"run": rounds}
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ylabel = "accuracy (centralised test split)"
     for label, rs in series.items():
-        pts = [r for r in rs if r.get("central_acc") is not None]
-        if not pts:
-            pts = [r for r in rs if r.get("fed_acc") is not None]
-            key = "fed_acc"
-        else:
-            key = "central_acc"
+        key = "central_acc" if any(r.get("central_acc") is not None for r in rs) else "fed_acc"
+        pts = [r for r in rs if r.get(key) is not None]
         if not pts:
             continue
+        ylabel = ylabel if key == "central_acc" else "accuracy (clients' local test splits)"
         ax1.plot([r["round"] for r in pts], [r[key] for r in pts], marker="o", label=label)
         sent = [r for r in pts if (r.get("cum_bytes") or 0) > 0]  # log axis: nothing sent yet = no point
         ax2.plot([r["cum_bytes"] for r in sent], [r[key] for r in sent], marker="o", label=label)
-    ax1.set_xlabel("round")
-    ax1.set_ylabel("accuracy (centralised test split)")
-    ax2.set_xlabel("cumulative bytes (up + down, all clients)")
-    ax2.set_xscale("log")
+    ax1.set_xlabel("round (0 = before training)")
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.set_ylabel(ylabel)
+    ax2.set_xlabel("cumulative bytes, up + down, all clients\n(first point: round 0, the statistics + mask phases)")
+    lo, hi = ax2.get_xlim()
+    if lo > 0 and hi / lo > 100:  # log only when the traffic spans orders of magnitude
+        ax2.set_xscale("log")
+        ax2.xaxis.set_minor_formatter(NullFormatter())
+    ax2.xaxis.set_major_formatter(EngFormatter(unit="B"))
+    ax2.xaxis.set_major_locator(MaxNLocator(5))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if len(series) > 1:
+            ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
 
 
-def _fmt(v, digits: int = 4) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
+def _fmt(v, digits: int = 4, sep: str = "") -> str:
+    return "-" if v is None else f"{v:{sep}.{digits}f}"

@@ -13,6 +13,7 @@ from flwr.supercore import log
 
 from common.settings import parse_run_config
 
+from .quiet import quiet_flower
 from .runner import run_federation
 
 app = ServerApp()
@@ -23,7 +24,8 @@ LAST: dict = {}
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_run_config(context.run_config)  # fails here, naming the key, on a bad value
     LAST.clear()
-    fed, summary = run_federation(grid, cfg)
+    with quiet_flower():
+        fed, summary = run_federation(grid, cfg)
     LAST.update(summary=summary, history=fed.history, dropped=fed.dropped, run_dir=str(fed.run_dir))
     log(INFO, "Results: %s", fed.run_dir)
     log(INFO, "Final accuracy %s after %d rounds; %.0f B up / %.0f B down per client per round",
