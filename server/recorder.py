@@ -88,6 +88,7 @@ class RunRecorder:
         self._t0 = self._last = time.time()
         self._cum_bytes = 0
         if self.dir is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
             (self.dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
 
     def end_round(self, rnd: int, central: dict | None, checkpoint: Checkpoint | None = None, **extra) -> dict:
