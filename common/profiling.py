@@ -10,7 +10,10 @@ so that tests can hold them to hand-computed byte counts (tests/test_profiling.p
   gradients and the optimizer state.
 
 That is a deterministic, allocator-independent count, not a sampled high-water mark; peak RSS
-is read beside it for reference only. Timing interleaves the compared callables round-robin
+is read beside it for reference only. ``step_live_peak`` / ``LiveTensorPeak`` give the other
+figure, the *simultaneous* peak: the high-water mark of live tensor bytes over the step (storages
+added when an aten op creates them, removed when freed), which sees saved tensors being released
+during backward and the transient temporaries of backward and the optimizer step. Timing interleaves the compared callables round-robin
 so that load from other processes on a shared machine hits each of them alike.
 
 Only torch and the standard library (plus our own layers); nothing runs at import.
@@ -215,3 +218,63 @@ def conv_value_grad_times(n: int, c: int, size: int, k: int, stride: int, gen: t
            "sparse_ms": 1e3 * statistics.median(wall["sparse"]), "dense_ms": 1e3 * statistics.median(wall["dense"])}
     row["sparse_over_dense"] = row["sparse_ms"] / row["dense_ms"]
     return row
+
+
+# --- simultaneous peak of live tensor memory ---------------------------------------------------
+
+class LiveTensorPeak(torch.utils._python_dispatch.TorchDispatchMode):
+    """High-water mark of live tensor bytes while the block runs (a TorchDispatchMode).
+
+    Starts from ``base`` bytes (what exists before the block and stays: parameters, buffers,
+    optimizer state, the input batch). Every storage an aten op returns that is not already
+    counted (views and in-place results share their storage and count once) is added when it is
+    created and removed when it is freed (a weak reference on the storage), so ``peak`` is the
+    largest simultaneous total — saved activations, gradients as they accumulate, and the
+    temporaries inside backward and the optimizer step included. Storages allocated outside any
+    aten op (none in a training step) would be missed. Allocator-independent: the figure is the
+    tensor bytes, not what the caching allocator reserves."""
+
+    def __init__(self, base: int = 0):
+        super().__init__()
+        self.live = self.peak = int(base)
+        self._refs: dict[int, object] = {}
+
+    def _free(self, key: int, nb: int) -> None:
+        if self._refs.pop(key, None) is not None:
+            self.live -= nb
+
+    def _track(self, t: torch.Tensor) -> None:
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError, TypeError):
+            return
+        key = st.data_ptr()
+        if not key or key in self._refs:
+            return
+        nb = st.nbytes()
+        import weakref
+        self._refs[key] = weakref.ref(st, lambda _r, k=key, n=nb: self._free(k, n))
+        self.live += nb
+        self.peak = max(self.peak, self.live)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def step_live_peak(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, floor: bool = False,
+                   extra_state: int = 0) -> dict[str, int]:
+    """Simultaneous peak of tensor bytes over one training step (run after a warm-up step):
+    ``base`` = parameters + buffers (+ layer index caches) + optimizer state (+ ``extra_state``,
+    e.g. GaLore projection matrices kept outside ``opt.state``'s tensors) + the input batch, and
+    ``peak`` = base + the largest simultaneous total of what the step allocates."""
+    if opt is not None:
+        opt.zero_grad(set_to_none=True)
+    base = (sum(model_storages(model).values()) + optimizer_state_bytes(opt) + int(extra_state)
+            + sum(_by_storage([x, y]).values()))
+    with LiveTensorPeak(base) as meter:
+        train_step(model, opt, x, y, floor)
+    return {"base": base, "peak": meter.peak}

@@ -1,0 +1,518 @@
+"""PEFT at the edge, measured: TaskEdge vs LoRA, DoRA, GaLore, BitFit, BN+head, linear probe and full FT.
+
+Per (model, method) one training step (AdamW, cross-entropy, batch ``--batch``) of a randomly
+initialised model (cost figures do not depend on the weights; no accuracy is measured here):
+
+trainable, trainable_pct
+    trainable scalars (adapter / delta entries + head), and as % of the base model's parameters.
+peak_mb  (the simultaneous peak)
+    ``common.profiling.step_live_peak``: the high-water mark of live tensor bytes over one step,
+    run after a warm-up step — parameters + buffers + optimizer state (+ GaLore's projection
+    matrices) + the input batch, plus every storage the step's aten ops create, added when created
+    and removed when freed (saved activations, gradients as they accumulate, the temporaries of
+    backward and of the optimizer step). Allocator-independent tensor bytes; not RSS.
+retained_mb
+    the older, additive accounting of ``common.profiling.step_memory`` (params + everything saved
+    for backward + all gradients + optimizer state), for comparison; it ignores that saved tensors
+    are freed during backward and misses transient temporaries.
+flops  (per training step, ``common.flops.step_flops``)
+    forward + backward + optimizer. torch's FlopCounterMode (2 FLOPs per MAC of matmuls / convs),
+    with the grouped/depthwise conv weight gradient corrected by ``groups``, TaskEdge's sparse value
+    gradient added analytically (2·T·E), and AdamW's elementwise update as 14 FLOPs per optimizer
+    state element. ``flops_torch_raw`` is torch's uncorrected total (what the paper's kind of
+    profiler reports). GaLore: its projection matmuls are counted; its SVD (every
+    ``--galore-gap`` steps, not in the measured step) is not.
+step_ms
+    median / min / max wall time of ``--reps`` (>= 3) steps per method, methods interleaved
+    round-robin (one warm-up step each), ``--threads`` torch threads.
+
+Methods: ``linear`` (head only), ``bn_head`` (normalisation layers — BatchNorm, or LayerNorm on the
+ViT — plus head), ``bitfit`` (every bias plus head; the CNNs' convs have no bias, so only the
+normalisation biases), ``full``, ``lora`` / ``dora`` (HF peft, r=``--rank``, on every Linear/Conv2d
+outside the head that peft accepts: depthwise convs are refused at r < groups and are left frozen;
+``lora_dw`` forces them in with r = groups on those layers — peft's only accepted rank — to show the
+bloat), ``galore`` (galore-torch's GaLoreAdamW, rank ``--rank``, on every Linear/Conv2d weight
+outside the head, conv gradients flattened to (C_out, C_in/g·k·k) by ``FlatGaLore``; the rest plain
+AdamW in the same optimizer) and ``taskedge`` (``get_taskedge_model``, budget ``--budget``, calibrated
+on random batches, plus dense head).
+
+Writes ``--json`` (default results/bench_edge.json) and ``--png`` (memory and FLOPs per method and
+architecture). ``--quick``: one model, two methods, a few steps (the test runs it).
+
+    nice -n 10 .venv/bin/python -m simulations.bench_edge
+    nice -n 10 .venv/bin/python -m simulations.bench_edge --quick --json /tmp/q.json --png ''
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import types
+from functools import partial
+from pathlib import Path
+
+import torch
+from torch import nn
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import flops as flopslib
+from common import profiling
+from common.config import TaskEdgeConfig
+from common.models import create_model
+from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules
+
+MIB = profiling.MIB
+METHODS = ("linear", "bn_head", "bitfit", "full", "lora", "lora_dw", "dora", "galore", "taskedge")
+# (name, image size, constructor kwargs)
+MODELS = {
+    "taskedge-vit-tiny": (32, {}),
+    "resnet18": (64, {}),
+    "mobilenetv2_050": (64, {}),
+    "taskedge-mobilenet-tiny": (32, {}),
+}
+DEFAULT_MODELS = ("taskedge-vit-tiny", "resnet18", "mobilenetv2_050")
+NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
+
+
+class MethodUnavailable(RuntimeError):
+    """A method cannot be set up for this model (recorded as a result row, not an error)."""
+
+
+# --- GaLore ------------------------------------------------------------------------------------
+
+def load_galore_adamw():
+    """galore-torch's GaLoreAdamW. The 1.0 wheel's package ``__init__`` imports its 8-bit optimizer,
+    which needs bitsandbytes (not installed here, and unused); load the package without running its
+    ``__init__`` so that ``galore_torch.adamw`` imports on its own. Raises MethodUnavailable when the
+    package is missing."""
+    if "galore_torch" not in sys.modules:
+        spec = importlib.util.find_spec("galore_torch")
+        if spec is None:
+            raise MethodUnavailable("galore-torch is not installed (pip install galore-torch)")
+        try:
+            import galore_torch  # noqa: F401
+        except ImportError:
+            sys.modules.pop("galore_torch", None)
+            pkg = types.ModuleType("galore_torch")
+            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
+            sys.modules["galore_torch"] = pkg
+    from galore_torch.adamw import AdamW
+    return AdamW
+
+
+class FlatGaLore:
+    """GaLoreAdamW on 2-D views of conv weights: galore-torch 1.0 projects 2-D gradients only
+    (a 4-D conv gradient fails in ``diag()``). Each weight gets a 2-D parameter that *shares its
+    storage*, shape (C_out, C_in/g·k·k); before every step its ``.grad`` is the flattened view of the
+    real gradient, and the optimizer's in-place update lands in the real weight. Other parameters
+    go to a plain AdamW group of the same optimizer. Exposes zero_grad / step / state."""
+
+    def __init__(self, galore_params, other_params, lr, rank, gap, scale):
+        AdamW = load_galore_adamw()
+        self.pairs = [(p, nn.Parameter(p.detach().view(p.shape[0], -1))) for p in galore_params]
+        groups = [{"params": [s for _, s in self.pairs], "rank": rank, "update_proj_gap": gap, "scale": scale,
+                   "proj_type": "std"}]
+        other_params = list(other_params)
+        if other_params and isinstance(other_params[0], dict):  # parameter groups
+            groups = other_params + groups
+        elif other_params:
+            groups.insert(0, {"params": other_params})
+        self.inner = AdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
+
+    @property
+    def state(self):
+        return self.inner.state
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.inner.zero_grad(set_to_none=set_to_none)
+        for p, _ in self.pairs:
+            p.grad = None
+
+    def step(self):
+        for p, s in self.pairs:
+            s.grad = None if p.grad is None else p.grad.view(s.shape)
+        self.inner.step()
+        for _, s in self.pairs:
+            s.grad = None
+
+    def projector_bytes(self) -> int:
+        """Bytes of the projection matrices (in the state as objects, not tensors)."""
+        n = 0
+        for st in self.inner.state.values():
+            pr = st.get("projector")
+            m = getattr(pr, "ortho_matrix", None)
+            if torch.is_tensor(m):
+                n += m.numel() * m.element_size()
+        return n
+
+
+# --- setup -------------------------------------------------------------------------------------
+
+def make_model(name: str, num_classes: int, seed: int, pretrained: bool = False) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model(name, num_classes=num_classes, pretrained=pretrained, **MODELS.get(name, (0, {}))[1]).float()
+
+
+def _head_params(model: nn.Module) -> list[nn.Parameter]:
+    head = find_head(model)
+    return list(model.get_submodule(head).parameters()) if head else []
+
+
+def _depthwise_names(model: nn.Module) -> list[str]:
+    return [n for n, m in target_modules(model, TaskEdgeConfig()).items() if isinstance(m, nn.Conv2d) and m.groups > 1]
+
+
+def peft_targets(model: nn.Module, r: int) -> tuple[list[str], list[str]]:
+    """(accepted, refused): every Linear/Conv2d outside the head; peft refuses grouped convs whose
+    groups do not divide r (``r % groups != 0``)."""
+    mods = target_modules(model, TaskEdgeConfig())
+    refused = [n for n, m in mods.items() if isinstance(m, nn.Conv2d) and m.groups > 1 and r % m.groups]
+    return [n for n in mods if n not in refused], refused
+
+
+def _groups(params, head_ids: set, lr: float, head_lr: float) -> list[dict]:
+    body = [p for p in params if id(p) not in head_ids]
+    head = [p for p in params if id(p) in head_ids]
+    return [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
+
+
+def setup_method(method: str, args, model_name: str, calib, lrs: tuple[float, float] = (1e-3, 1e-3)):
+    """(model, optimizer, trainable scalars, notes). Raises MethodUnavailable where it cannot run.
+    ``lrs``: (body / adapter / delta learning rate, head learning rate)."""
+    model = make_model(model_name, args.num_classes, args.seed, getattr(args, "pretrained", False))
+    head_ids = set(map(id, _head_params(model)))
+    notes: dict = {}
+    lr, head_lr = lrs
+    if method in ("linear", "bn_head", "bitfit", "full"):
+        model.requires_grad_(method == "full")
+        head = set(map(id, _head_params(model)))
+        for name, p in model.named_parameters():
+            if id(p) in head:
+                p.requires_grad_(True)
+        if method == "bn_head":
+            for m in model.modules():
+                if isinstance(m, NORMS):
+                    for p in m.parameters():
+                        p.requires_grad_(True)
+        if method == "bitfit":
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.requires_grad_(True)
+    elif method in ("lora", "dora", "lora_dw"):
+        from peft import LoraConfig, get_peft_model
+
+        names, refused = peft_targets(model, args.rank)
+        rank_pattern = {}
+        if method == "lora_dw":
+            if not refused:
+                raise MethodUnavailable("no depthwise/grouped convs in this model")
+            mods = dict(model.named_modules())
+            rank_pattern = {f"^{n}$": mods[n].groups for n in refused}  # r = groups: peft's smallest legal rank
+            names = names + refused
+            refused = []
+        elif refused:
+            notes["peft_refused"] = len(refused)
+        head_p = _head_params(model)
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=names,
+                                                 lora_dropout=0.0, use_dora=method == "dora",
+                                                 rank_pattern=rank_pattern))
+        for p in head_p:
+            p.requires_grad_(True)
+    elif method == "galore":
+        mods = target_modules(model, TaskEdgeConfig())
+        gal = [m.weight for m in mods.values()]
+        gal_ids = set(map(id, gal))
+        model.requires_grad_(True)
+        others = [p for p in model.parameters() if id(p) not in gal_ids]
+        opt = FlatGaLore(gal, _groups(others, head_ids, lr, head_lr), lr, args.rank, args.galore_gap, 0.25)
+        model.train()
+        return model, opt, sum(p.numel() for p in model.parameters()), {"galore_layers": len(gal)}
+    elif method == "taskedge":
+        model, _mask = get_taskedge_model(model, TaskEdgeConfig(budget=args.budget), calib)
+    else:
+        raise ValueError(method)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(_groups(params, head_ids, lr, head_lr), lr=lr) if params else None
+    return model, opt, sum(p.numel() for p in params), notes
+
+
+def peft_depthwise_probe(model_name: str, args) -> list[dict]:
+    """What HF peft does with each depthwise conv: refusal at r=--rank, adapter size at r=groups."""
+    from peft import LoraConfig, get_peft_model
+
+    model = make_model(model_name, args.num_classes, args.seed)
+    mods = dict(model.named_modules())
+    rows = []
+    for name in _depthwise_names(model)[: args.dw_probe]:
+        conv = mods[name]
+        base = sum(p.numel() for p in conv.parameters())
+        row = {"module": name, "shape": list(conv.weight.shape), "groups": conv.groups, "base_params": base}
+        try:
+            get_peft_model(make_model(model_name, args.num_classes, args.seed),
+                           LoraConfig(r=args.rank, target_modules=[name]))
+            row[f"r{args.rank}"] = "accepted"
+        except Exception as e:  # noqa: BLE001 -- what peft says is the result
+            row[f"r{args.rank}"] = f"{type(e).__name__}: {str(e)[:160]}"
+        pm = get_peft_model(make_model(model_name, args.num_classes, args.seed),
+                            LoraConfig(r=conv.groups, target_modules=[name]))
+        row["adapter_params_at_r_groups"] = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+        row["adapter_over_base"] = row["adapter_params_at_r_groups"] / base
+        rows.append(row)
+    return rows
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+def _batches(args, img: int):
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    x = torch.randn(args.batch, 3, img, img, generator=gen)
+    y = torch.randint(0, args.num_classes, (args.batch,), generator=gen)
+    calib = [(torch.randn(args.batch, 3, img, img, generator=gen), y) for _ in range(2)]
+    return x, y, calib
+
+
+def _extra_state(opt) -> int:
+    return opt.projector_bytes() if isinstance(opt, FlatGaLore) else 0
+
+
+def measure_static(method: str, args, model_name: str, x, y, calib) -> dict:
+    """Memory and FLOPs of one step, one model alive at a time."""
+    gc.collect()
+    base_params = sum(p.numel() for p in make_model(model_name, args.num_classes, args.seed).parameters())
+    model, opt, trainable, notes = setup_method(method, args, model_name, calib)
+    profiling.train_step(model, opt, x, y)  # warm-up: optimizer state, index caches, GaLore projectors
+    live = profiling.step_live_peak(model, opt, x, y, extra_state=_extra_state(opt))
+    parts = profiling.step_memory(model, opt, x, y)
+    parts["optim"] += _extra_state(opt)
+    fl = flopslib.step_flops(model, opt, x, y)
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as raw:
+        profiling.train_step(model, opt, x, y)
+    row = {"trainable": int(trainable), "trainable_pct": 100.0 * trainable / base_params,
+           "peak_mb": live["peak"] / MIB, "base_mb": live["base"] / MIB,
+           "retained_mb": sum(parts.values()) / MIB, "retained_parts_mb": {k: v / MIB for k, v in parts.items()},
+           "flops": fl, "gflops": fl["total"] / 1e9, "flops_torch_raw": int(raw.get_total_flops()), **notes}
+    del model, opt
+    gc.collect()
+    return row
+
+
+def measure_times(methods: list[str], args, model_name: str, x, y, calib) -> dict:
+    steps = {}
+    for m in methods:
+        model, opt, _, _ = setup_method(m, args, model_name, calib)
+        steps[m] = partial(profiling.train_step, model, opt, x, y)
+    wall, _ = profiling.interleaved_times(steps, 1, args.reps)
+    del steps
+    gc.collect()
+    return {m: {"step_ms": 1e3 * statistics.median(w), "step_ms_min": 1e3 * min(w), "step_ms_max": 1e3 * max(w)}
+            for m, w in wall.items()}
+
+
+def bench_model(model_name: str, methods: list[str], args) -> dict:
+    img = MODELS.get(model_name, (args.img_size, {}))[0] or args.img_size
+    x, y, calib = _batches(args, img)
+    rows, ok = {}, []
+    for m in methods:
+        try:
+            rows[m] = measure_static(m, args, model_name, x, y, calib)
+            ok.append(m)
+        except MethodUnavailable as e:
+            rows[m] = {"unavailable": str(e)}
+        print(f"[{model_name}] {m}: {rows[m]}", file=sys.stderr, flush=True)
+    for m, t in measure_times(ok, args, model_name, x, y, calib).items():
+        rows[m].update(t)
+    out = {"img_size": img, "batch": args.batch,
+           "base_params": sum(p.numel() for p in make_model(model_name, args.num_classes, args.seed).parameters()),
+           "methods": rows}
+    if args.importance_reps:
+        model = make_model(model_name, args.num_classes, args.seed)
+        cfg = TaskEdgeConfig(budget=args.budget)
+        out["importance_pass"] = profiling.importance_pass_times(
+            model, lambda: collect_norms(model, cfg, calib), calib, args.importance_reps)
+        print(f"[{model_name}] importance pass: {out['importance_pass']}", file=sys.stderr, flush=True)
+    if args.dw_probe and _depthwise_names(make_model(model_name, args.num_classes, args.seed)):
+        out["peft_depthwise"] = peft_depthwise_probe(model_name, args)
+    return out
+
+
+# --- short accuracy runs ------------------------------------------------------------------------
+
+# (body / adapter / delta lr, head lr): common/defaults.json's tuned values where the method has one
+# (taskedge, fedlora -> lora/dora, fedavg-full -> full/galore, head-only -> linear), the head-only
+# values for the other head-plus-few-parameters methods
+ACC_LRS = {"linear": (1e-2, 1e-2), "bn_head": (1e-2, 1e-2), "bitfit": (1e-2, 1e-2), "full": (1e-3, 3e-3),
+           "lora": (3e-3, 3e-3), "dora": (3e-3, 3e-3), "galore": (1e-3, 3e-3), "taskedge": (1e-2, 1e-2)}
+
+
+def accuracy_runs(args, methods: list[str]) -> dict:
+    """SHORT centralised fine-tunes of the pre-trained embedded ViT on suite tasks: ``--acc-epochs``
+    epochs over the task's train split, batch 32, test accuracy, ``--acc-seeds`` seeds (mean ± sd).
+    Not tuned per method beyond ACC_LRS; a cost-benchmark side result, not a converged comparison."""
+    from common.data import get_task, make_split
+    from common.train import batches, evaluate, train_epochs
+
+    out = {}
+    for task in [t.strip() for t in args.accuracy.split(",") if t.strip()]:
+        spec = get_task(task)
+        x, y = make_split(spec, "train")
+        xe, ye = make_split(spec, "test")
+        xc = make_split(spec, "calib", n=256)[0]
+        rows = {}
+        for m in methods:
+            if m == "lora_dw":
+                continue
+            accs = []
+            for seed in range(args.acc_seeds):
+                a = argparse.Namespace(**{**vars(args), "num_classes": spec.num_classes, "pretrained": True,
+                                          "seed": seed})
+                calib = list(batches(xc, xc[:, 0, 0, 0], 64, shuffle=False))
+                model, opt, _n, _ = setup_method(m, a, args.acc_model, calib, ACC_LRS[m])
+                torch.manual_seed(seed)
+                train_epochs(model, x, y, epochs=args.acc_epochs, batch_size=32, lr=ACC_LRS[m][0], seed=seed,
+                             optimizer=opt)
+                accs.append(evaluate(model, xe, ye)["acc"])
+                del model, opt
+            mean = statistics.fmean(accs)
+            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            rows[m] = {"acc_mean": mean, "acc_sd": sd, "accs": accs, "lr_body_head": list(ACC_LRS[m])}
+            print(f"[accuracy {task}] {m}: {mean:.3f} ± {sd:.3f} {accs}", file=sys.stderr, flush=True)
+        out[task] = {"model": args.acc_model, "pretrained": "embedded upstream weights", "epochs": args.acc_epochs,
+                     "train_examples": len(x), "test_examples": len(xe), "seeds": args.acc_seeds,
+                     "methods": rows}
+    return out
+
+
+# --- output ------------------------------------------------------------------------------------
+
+def table(result: dict) -> str:
+    """Markdown table (README text)."""
+    lines = ["| model | method | trainable (%) | peak MiB | GFLOPs/step (torch raw) | step ms median [min–max] |",
+             "|---|---|---|---|---|---|"]
+    for model, mres in result["models"].items():
+        for m, r in mres["methods"].items():
+            if "unavailable" in r:
+                lines.append(f"| {model} | {m} | — | — | — | not run: {r['unavailable']} |")
+                continue
+            lines.append(f"| {model} | {m} | {r['trainable']:,} ({r['trainable_pct']:.2f}%) | {r['peak_mb']:.1f} | "
+                         f"{r['gflops']:.3f} ({r['flops_torch_raw'] / 1e9:.3f}) | "
+                         f"{r['step_ms']:.1f} [{r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}] |")
+    for task, t in result.get("accuracy_short", {}).items():
+        lines += ["", (f"SHORT fine-tune ({t['epochs']} epochs, {t['train_examples']} examples, {t['seeds']} seeds, "
+                       f"pre-trained {t['model']}) on `{task}`: test accuracy mean ± sd"), "",
+                  "| method | accuracy |", "|---|---|"]
+        lines += [f"| {m} | {r['acc_mean']:.3f} ± {r['acc_sd']:.3f} |" for m, r in t["methods"].items()]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    methods = [m for m in METHODS if any(m in result["models"][k]["methods"] for k in models)]
+    fig, axes = plt.subplots(1, 2, figsize=(13.5, 4.2))
+    w = 0.8 / max(1, len(methods))
+    for ax, key, label in ((axes[0], "peak_mb", "peak training tensor memory (MiB)"),
+                           (axes[1], "gflops", "GFLOPs per training step (corrected)")):
+        for i, m in enumerate(methods):
+            vals = []
+            for k in models:
+                r = result["models"][k]["methods"].get(m, {})
+                vals.append(r.get(key, 0.0) if "unavailable" not in r else 0.0)
+            xs = [j + i * w for j in range(len(models))]
+            ax.bar(xs, vals, w, label=m)
+            if key == "gflops":  # torch's uncorrected count (grouped-conv weight gradient x groups)
+                raw = [result["models"][k]["methods"].get(m, {}).get("flops_torch_raw", 0) / 1e9 for k in models]
+                ax.scatter([x for x, r, v in zip(xs, raw, vals) if r > 1.05 * v > 0],
+                           [r for r, v in zip(raw, vals) if r > 1.05 * v > 0], marker="x", color="k", s=18, zorder=3,
+                           label="torch raw count" if i == methods.index("full") else None)
+        ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(models))])
+        ax.set_xticklabels([f"{k}\n({result['models'][k]['img_size']}px, b{result['models'][k]['batch']})"
+                            for k in models], fontsize=8)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle("One AdamW training step, random init (cost only, no accuracy)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--img-size", type=int, default=32, help="for models not in MODELS")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--rank", type=int, default=8, help="LoRA / DoRA / GaLore rank")
+    p.add_argument("--galore-gap", type=int, default=200)
+    p.add_argument("--budget", type=float, default=0.01, help="TaskEdge budget (fraction of backbone params)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per method (>= 3)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dw-probe", type=int, default=3, help="depthwise convs probed with peft (0 = off)")
+    p.add_argument("--accuracy", default="", help="comma list of suite tasks for SHORT fine-tunes ('' = off)")
+    p.add_argument("--acc-model", default="taskedge-vit-tiny", help="pre-trained model of the accuracy runs")
+    p.add_argument("--acc-epochs", type=int, default=2)
+    p.add_argument("--acc-seeds", type=int, default=2)
+    p.add_argument("--no-cost", action="store_true", help="accuracy runs only")
+    p.add_argument("--importance-reps", type=int, default=5,
+                   help="TaskEdge statistics pass vs plain forward, interleaved reps (0 = off)")
+    p.add_argument("--quick", action="store_true", help="one model, two methods, 3 reps")
+    p.add_argument("--json", default="results/bench_edge.json")
+    p.add_argument("--png", default="results/bench_edge.png", help="'' = no figure")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.models, a.methods, a.reps, a.batch, a.dw_probe = "taskedge-mobilenet-tiny", "full,taskedge", 3, 4, 1
+        a.importance_reps = 0
+    if a.reps < 3:
+        p.error("--reps must be >= 3")
+    return a
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = set(methods) - set(METHODS)
+    if bad:
+        raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {METHODS}")
+    res = {"models": {}, "settings": {
+        "batch": args.batch, "rank": args.rank, "budget": args.budget, "reps": args.reps, "threads": args.threads,
+        "galore_gap": args.galore_gap, "optimizer": "AdamW lr 1e-3", "init": "random (cost figures only)",
+        "torch": torch.__version__, "loadavg_start": os.getloadavg()[0],
+        "memory": "simultaneous peak of live tensor bytes over one step (common.profiling.step_live_peak)",
+        "flops": "common.flops.step_flops: torch FlopCounterMode, grouped-conv weight grad / groups, "
+                 "TaskEdge value grad 2*T*E, AdamW 14/state element; SVD not counted"}}
+    for name in ([] if args.no_cost else [m.strip() for m in args.models.split(",") if m.strip()]):
+        res["models"][name] = bench_model(name, methods, args)
+    if args.accuracy:
+        res["accuracy_short"] = accuracy_runs(args, methods)
+    res["settings"]["loadavg_end"] = os.getloadavg()[0]
+    return res
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    res = run(args)
+    text = table(res)
+    res["table_md"] = text
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+    if args.png and res["models"]:
+        plot(res, Path(args.png))
+    return res
+
+
+if __name__ == "__main__":
+    main()
