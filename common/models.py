@@ -327,11 +327,19 @@ def sha256(path: str | os.PathLike) -> str:
 
 
 def shipped_weights(model: str = DEFAULT_MODEL) -> Path | None:
-    """The weights file shipped in the package for an embedded model (None if there is none)."""
+    """The weights file shipped with the project for an embedded model (None if there is none).
+
+    Looked for next to this module and in `$TASKEDGE_WEIGHTS_DIR`: a Flower app bundle (FAB) carries only
+    source and text files (flwr's built-in include list, not overridable), so a ServerApp/ClientApp run
+    from an installed FAB finds no .safetensors beside it; run_flwr.sh points the variable at the checkout.
+    """
     entry = EMBEDDED_WEIGHTS.get(model)
-    if entry is None or not (WEIGHTS_DIR / entry[0]).is_file():
+    if entry is None:
         return None
-    return WEIGHTS_DIR / entry[0]
+    for folder in (WEIGHTS_DIR, os.environ.get("TASKEDGE_WEIGHTS_DIR")):
+        if folder and (Path(folder) / entry[0]).is_file():
+            return Path(folder) / entry[0]
+    return None
 
 
 def pretrain(model: str = DEFAULT_MODEL, task: str = UPSTREAM_TASK, out: str | os.PathLike | None = None,

@@ -196,6 +196,9 @@ export FLWR_HOME="${FLWR_HOME:-$SCRATCH/flwr-home}"
 export RAY_TMPDIR="${RAY_TMPDIR:-$SCRATCH/ray}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
+# The app runs from Flower's installed bundle (FAB), which carries no .safetensors: point it at the
+# checkout's shipped backbone so a first run does not pre-train it (common/models.py shipped_weights).
+export TASKEDGE_WEIGHTS_DIR="${TASKEDGE_WEIGHTS_DIR:-$ROOT/common/weights}"
 # Ray: Flower already starts it without the dashboard (include_dashboard=False); this makes Ray pick
 # 127.0.0.1 as the node address instead of the machine's outward IP (ray._private.services).
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}"

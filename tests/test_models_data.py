@@ -237,3 +237,17 @@ def test_embedded_backbone_is_pretrained_and_cached():
     saved = load_file(path)
     own = model.state_dict()
     assert all(torch.equal(own[k], saved[k]) for k in own if not k.startswith("head."))
+
+
+def test_shipped_weights_are_found_outside_the_package(tmp_path, monkeypatch):
+    """A Flower app bundle has no .safetensors beside the code: $TASKEDGE_WEIGHTS_DIR points at them."""
+    import shutil
+
+    shipped = M.shipped_weights()
+    assert shipped is not None and M.sha256(shipped) == M.EMBEDDED_WEIGHTS[M.DEFAULT_MODEL][1]
+    monkeypatch.setattr(M, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")  # as inside a FAB
+    monkeypatch.delenv("TASKEDGE_WEIGHTS_DIR", raising=False)
+    assert M.shipped_weights() is None
+    shutil.copy(shipped, tmp_path / shipped.name)
+    monkeypatch.setenv("TASKEDGE_WEIGHTS_DIR", str(tmp_path))
+    assert M.shipped_weights() == tmp_path / shipped.name
