@@ -250,7 +250,9 @@ class Deployment:
         self.certs, self.link_dir, self.cli_home = root / "certs", root / "link", root / "cli"
         self.env = {**os.environ, "TASKEDGE_DEPLOY_TEST": self.mark, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
                     "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-                    "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+                    "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                    # the apps run from Flower's bundle, which carries no .safetensors: the shipped backbone
+                    "TASKEDGE_WEIGHTS_DIR": str(Path(__file__).resolve().parents[1] / "common" / "weights")}
         self.started: list[subprocess.Popen] = []  # every process started, restarts included
         self.procs: dict[str, subprocess.Popen] = {}  # the latest one per name
         self.node_ids: dict[int, int] = {}  # partition -> node id
