@@ -145,18 +145,8 @@ def _neuron_level(scores, names, count):
     depth = {n: min(scores[n].shape[1], depth_guess) for n in names}
     while True:
         # Top-`depth` per row, sorted; if leftover budget would need deeper ranks, widen.
-        tops = {n: torch.topk(scores[n].float(), depth[n], dim=1, sorted=True) for n in names}
-        cand_rank, cand_score, cand_mod, cand_row, cand_col = [], [], [], [], []
-        for mi, n in enumerate(names):
-            vals, cols = tops[n]
-            r, d = vals.shape
-            cand_rank.append(torch.arange(d).repeat(r))
-            cand_score.append(vals.reshape(-1))
-            cand_mod.append(torch.full((r * d,), mi))
-            cand_row.append(torch.arange(r).repeat_interleave(d))
-            cand_col.append(cols.reshape(-1))
-        rank, score = torch.cat(cand_rank), torch.cat(cand_score)
-        mod, row, col = torch.cat(cand_mod), torch.cat(cand_row), torch.cat(cand_col)
+        tops = [torch.topk(scores[n].float(), depth[n], dim=1, sorted=True) for n in names]
+        rank, score, mod, row, col = _candidates(tops)
         if rank.numel() >= count or all(depth[n] == scores[n].shape[1] for n in names):
             covered = _covered(rank, depth, names, mod, scores)
             if covered >= count:
@@ -231,18 +221,13 @@ def _neuron_capped(scores, names, count, factor):
     """
     rows_total = sum(scores[n].shape[0] for n in names)
     depth_all = -(-count // rows_total)
-    cand_rank, cand_score, cand_mod, cand_row, cand_col = [], [], [], [], []
-    for mi, n in enumerate(names):
+    per_module = []
+    for n in names:
         r, w = scores[n].shape
         d = min(w, depth_all)
         cols, vals = _capped_rows(scores[n], d, column_cap(r, w, d, factor))
-        cand_rank.append(torch.arange(d).repeat(r))
-        cand_score.append(vals.reshape(-1))
-        cand_mod.append(torch.full((r * d,), mi))
-        cand_row.append(torch.arange(r).repeat_interleave(d))
-        cand_col.append(cols.reshape(-1))
-    rank, score = torch.cat(cand_rank), torch.cat(cand_score)
-    mod, row, col = torch.cat(cand_mod), torch.cat(cand_row), torch.cat(cand_col)
+        per_module.append((vals, cols))
+    rank, score, mod, row, col = _candidates(per_module)
     if rank.numel() < count:  # narrow modules saturated: fall back to the uncapped order for the rest
         return _neuron_level(scores, names, count)
     order = np.lexsort((col.numpy(), row.numpy(), mod.numpy(), -score.double().numpy(), rank.numpy()))
@@ -252,6 +237,20 @@ def _neuron_capped(scores, names, count, factor):
         sel = take[mod[take] == mi]
         out[n] = (row[sel] * scores[n].shape[1] + col[sel], rank[sel])
     return out
+
+
+def _candidates(per_module: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Flatten each module's per-row (scores, columns) of shape (rows, d) into one candidate list:
+    (within-row rank, score, module index, row, column)."""
+    ranks, scores, mods, rows, cols = [], [], [], [], []
+    for mi, (vals, col) in enumerate(per_module):
+        r, d = vals.shape
+        ranks.append(torch.arange(d).repeat(r))
+        scores.append(vals.reshape(-1))
+        mods.append(torch.full((r * d,), mi))
+        rows.append(torch.arange(r).repeat_interleave(d))
+        cols.append(col.reshape(-1))
+    return tuple(torch.cat(t) for t in (ranks, scores, mods, rows, cols))
 
 
 def _covered(rank, depth, names, mod, scores):
