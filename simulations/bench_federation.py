@@ -337,7 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["complete"] = len(results) == len(jobs) and not failed
     if args.aggregate_only:
-        result["timing"]["note"] = "aggregated from a partial cache; wall_s is not the benchmark's"
+        result["timing"]["note"] = ("aggregated from the cache of finished runs (possibly from several sessions or "
+                                    "machines): wall_s is not the benchmark's; sum_of_run_wall_s adds up the runs")
         result["planned_runs"], result["finished_runs"] = len(jobs), len(results)
     if args.budget_sweep and not args.aggregate_only:
         bjobs = [{"task": t, "partition": "dirichlet", "seed": 0, "key": f"taskedge {b:g}", "nodes": args.nodes,

@@ -171,7 +171,7 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def warm_cache(tasks=None) -> None:
     """Generate every split of the suite once (before worker processes would each render it)."""
-    from common.data import SUITE, SPLITS, make_split
+    from common.data import SPLITS, SUITE, make_split
 
     for task in tasks or SUITE:
         for split in SPLITS:

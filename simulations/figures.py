@@ -177,15 +177,26 @@ def fig_trainable(central_budget: dict | None, compare: dict | None, fed_budget:
     ax2 = axes[1]
     fed = None
     if fed_budget:
+        head = (bench or {}).get("dirichlet", {}).get("suite_mean", {}).get("head-only", {}).get("trainable", 0)
         fed = _budget_series({"points": {k: {**d, "method": "fedlora" if k.startswith("lora") else "taskedge",
-                                              "trainable_body": d["trainable"], "suite_mean": d["acc_mean"],
+                                              "trainable_body": d["trainable"] - head, "suite_mean": d["acc_mean"],
                                               "suite_sd": d["acc_sd"]}
                                          for k, d in fed_budget["points"]["suite_mean"].items()}})
+        sm = (bench or {}).get("dirichlet", {}).get("suite_mean", {})  # + the benchmark's 3-seed points
+        for key, fam in (("taskedge-best", "taskedge"), ("fedlora-r1", "lora"), ("fedlora", "lora")):
+            if key in sm:
+                fed[fam] = sorted(fed[fam] + [(sm[key]["trainable"] - head, sm[key]["acc_mean"], sm[key]["acc_sd"])])
         for fam, colour, label in (("taskedge", "tab:blue", "TaskEdge budget sweep"), ("lora", "tab:orange", "FedLoRA rank sweep")):
             if fed[fam]:
                 x, y, e = zip(*fed[fam])
                 ax2.errorbar(x, y, yerr=e, marker="o", color=colour, label=label, capsize=3)
-        ax2.set_title("Federated (Dirichlet α=0.5): suite-mean test accuracy", fontsize=10)
+        ax2.set_title("Federated (Dirichlet α=0.5, 10 rounds): suite-mean test accuracy\n"
+                      "(2 %, r=1, r=8: 3 seeds, ±1 sd; other points: seed 0)", fontsize=9)
+        if "fedavg-full" in sm:
+            ax2.scatter([sm["fedavg-full"]["trainable"] - head], [sm["fedavg-full"]["acc_mean"]], marker="s",
+                        color="tab:red", label="FedAvg, full model", zorder=3)
+        if "head-only" in sm:
+            ax2.axhline(sm["head-only"]["acc_mean"], color="black", ls=":", label="head only")
     elif bench:
         sm = bench.get("dirichlet", {}).get("suite_mean", {})
         head = sm.get("head-only", {}).get("trainable", 0)  # the head's size, to count the body only as on the left
@@ -236,6 +247,10 @@ def fig_upload(bench: dict, out: Path, part: str = "dirichlet") -> Path | None:
     return out
 
 
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def table(bench: dict | None, compare: dict | None, central_budget: dict | None) -> str:
     lines = []
     if bench:
@@ -249,8 +264,8 @@ def table(bench: dict | None, compare: dict | None, central_budget: dict | None)
             ref = d or i
             ratio = (f"{ref['upload_bytes_per_client_round'] / fl['dirichlet']['upload_bytes_per_client_round']:.2f}×"
                      if fl.get("dirichlet") else "")
-            fmt = lambda c: f"{c['acc_mean']:.3f} ± {c['acc_sd']:.3f} ({len(c['acc_per_seed'])} seeds)" if c else "–"  # noqa: E731
-            lines.append(f"| {LABELS.get(key, key)} | {fmt(d)} | {fmt(i)} | {ref['trainable']:,} | "
+            fmt = lambda c: f"{c['acc_mean']:.3f} ± {c['acc_sd']:.3f} ({len(c['acc_per_seed'])} seeds)" if c else "–"
+            lines.append(f"| {_md(LABELS.get(key, key))} | {fmt(d)} | {fmt(i)} | {ref['trainable']:,} | "
                          f"{ref['upload_bytes_per_client_round']:,} | {ratio} |")
         lines.append("")
         tab = bench.get("dirichlet", {}).get("tasks", {})
@@ -260,7 +275,7 @@ def table(bench: dict | None, compare: dict | None, central_budget: dict | None)
             lines += ["| Dirichlet, per task | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
             for key in keys:
                 cells = [tab[t].get(key) for t in tasks]
-                lines.append(f"| {LABELS[key]} | " + " | ".join(
+                lines.append(f"| {_md(LABELS[key])} | " + " | ".join(
                     f"{c['acc_mean']:.3f} ± {c['acc_sd']:.3f} (n={len(c['acc_per_seed'])})" if c else "–" for c in cells)
                     + " |")
             lines.append("")
@@ -273,7 +288,7 @@ def table(bench: dict | None, compare: dict | None, central_budget: dict | None)
             tot = [t.get("columns_total") for t in d["tasks"].values() if t.get("columns_total") is not None]
             share = [t.get("top5_column_share") for t in d["tasks"].values() if t.get("top5_column_share") is not None]
             n = len(next(iter(d["tasks"].values()))["test"])
-            lines.append(f"| {tag} | {d['suite_mean']:.4f} ± {d['suite_sd']:.4f} ({n}) | {d['suite_val_mean']:.4f} | "
+            lines.append(f"| {_md(tag)} | {d['suite_mean']:.4f} ± {d['suite_sd']:.4f} ({n}) | {d['suite_val_mean']:.4f} | "
                          f"{d['trainable_body']:,} | "
                          + (f"{np.mean(cols):.0f} / {tot[0]}" if cols else "–") + " | "
                          + (f"{np.mean(share):.2f}" if share else "–") + " |")

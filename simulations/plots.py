@@ -27,6 +27,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
 
 def plot_bench(result: dict, out: str | Path) -> Path:
     """The per-round histories that bench_federation.py stores for each method."""
+    if "methods" not in result:  # the suite benchmark's format: suite-mean curves, mean +- sd over seeds
+        from simulations.figures import fig_rounds
+
+        return fig_rounds(result, Path(out))
     series = {k.replace("_", "-"): m["history"] for k, m in result["methods"].items() if m.get("history")}
     setup = result.get("setup", {})
     title = f"{setup.get('nodes', '?')} clients, {setup.get('num-server-rounds', '?')} rounds"

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.mark.slow
 def test_inprocess_equals_run_simulation(tmp_path, simulate):
     from client.client_app import app as client_app
@@ -27,6 +26,7 @@ def test_inprocess_equals_run_simulation(tmp_path, simulate):
 
     cfg = parse_run_config({**overrides, "output-dir": str(tmp_path / "inproc")})
     grid = InProcessGrid(client_app, 3, cfg.to_dict())
+    (tmp_path / "inproc" / "run").mkdir(parents=True)
     fed, summary = run_federation(grid, cfg, run_dir=tmp_path / "inproc" / "run")
     ours_ck = load_checkpoint(tmp_path / "inproc" / "run")
 

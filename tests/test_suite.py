@@ -50,7 +50,7 @@ def test_every_task_renders_balanced_in_range(tmp_cache, task):
 
 
 def test_val_split_is_disjoint_and_deterministic(tmp_cache):
-    sha = lambda x: {hashlib.sha1(r.numpy().tobytes()).hexdigest() for r in x}  # noqa: E731
+    sha = lambda x: {hashlib.sha1(r.numpy().tobytes()).hexdigest() for r in x}
     val = D.make_split("textures", "val", n=100)[0]
     assert not sha(val) & sha(D.make_split("textures", "train", n=100)[0])
     assert not sha(val) & sha(D.make_split("textures", "test", n=100)[0])
@@ -172,9 +172,9 @@ def test_run_config_defaults_come_from_the_tuned_file():
 
 
 def test_method_model_carries_head_lr_to_local_training():
+    from common.config import TaskEdgeConfig
     from common.methods import build
     from common.train import HEAD_LR_ATTR, make_optimizer
-    from common.config import TaskEdgeConfig
 
     m = build("fedavg-full", _tiny(), TaskEdgeConfig(budget=0.01))
     setattr(m, HEAD_LR_ATTR, 0.25)
