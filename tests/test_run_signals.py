@@ -30,7 +30,7 @@ SCRIPT = os.environ.get("RUN_FLWR_SCRIPT", "simulations/run_flwr.sh")
 SIGNAL_AFTER_S = float(os.environ.get("RUN_SIGNALS_SIGNAL_AFTER_S", "150"))
 START_TIMEOUT_S = float(os.environ.get("RUN_SIGNALS_START_TIMEOUT_S", "600"))
 STOP_WITHIN_S = 10.0
-ROUND_LINE = re.compile(r"\[ROUND 1/|Round 1: training")
+ROUND_LINE = re.compile(r"Round 1: acc")  # the one-line summary of round 1 (server/recorder.py)
 SCRATCH_LINE = re.compile(r"FLWR_HOME=(\S*/taskedge-flwr\.[^/\s]+)/flwr-home")
 
 
