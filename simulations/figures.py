@@ -259,7 +259,7 @@ def table(bench: dict | None, compare: dict | None, central_budget: dict | None)
                   "|---|---|---|---|---|---|"]
         sm_d = bench.get("dirichlet", {}).get("suite_mean", {})
         sm_i = bench.get("iid", {}).get("suite_mean", {})
-        for key in sorted(set(sm_d) | set(sm_i), key=lambda k: -(sm_d.get(k) or sm_i.get(k))["acc_mean"]):
+        for key in sorted(set(sm_d) | set(sm_i), key=lambda k: (-(sm_d.get(k) or sm_i.get(k))["acc_mean"], k)):
             d, i = sm_d.get(key), sm_i.get(key)
             ref = d or i
             ratio = (f"{ref['upload_bytes_per_client_round'] / fl['dirichlet']['upload_bytes_per_client_round']:.2f}×"
