@@ -152,14 +152,7 @@ def _neuron_level(scores, names, count):
             if covered >= count:
                 break
         depth = {n: min(scores[n].shape[1], depth[n] * 2) for n in names}
-    # Total order: rank asc, score desc, then module, row, column (np.lexsort: last key is primary).
-    order = np.lexsort((col.numpy(), row.numpy(), mod.numpy(), -score.double().numpy(), rank.numpy()))
-    take = torch.from_numpy(order[:count])
-    out = {}
-    for mi, n in enumerate(names):
-        sel = take[mod[take] == mi]
-        out[n] = (row[sel] * scores[n].shape[1] + col[sel], rank[sel])
-    return out
+    return _take_in_order(scores, names, count, rank, score, mod, row, col)
 
 
 def column_cap(rows: int, width: int, depth: int, factor: float = 1.0) -> int:
@@ -230,6 +223,12 @@ def _neuron_capped(scores, names, count, factor):
     rank, score, mod, row, col = _candidates(per_module)
     if rank.numel() < count:  # narrow modules saturated: fall back to the uncapped order for the rest
         return _neuron_level(scores, names, count)
+    return _take_in_order(scores, names, count, rank, score, mod, row, col)
+
+
+def _take_in_order(scores, names, count, rank, score, mod, row, col) -> dict:
+    """The first `count` candidates in the total order — rank asc, score desc, then module, row, column
+    (np.lexsort: last key is primary) — as (flat index, rank) per module."""
     order = np.lexsort((col.numpy(), row.numpy(), mod.numpy(), -score.double().numpy(), rank.numpy()))
     take = torch.from_numpy(order[:count])
     out = {}
