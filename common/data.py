@@ -691,9 +691,9 @@ def from_hf_dataset(ds, image_column: str = "image", label_column: str = "label"
 
     if isinstance(ds.features.get(image_column), datasets.Image):
         raise ValueError("PIL image columns need resizing/normalising: use load_image_folder() instead")
-    arr = ds.with_format("numpy")
-    x = torch.from_numpy(np.asarray(arr[image_column], dtype=np.float32))
-    y = torch.from_numpy(np.asarray(arr[label_column]).astype(np.int64))
+    cols = ds.with_format("numpy", columns=[image_column, label_column])[:]  # one batched read: `ds[col]` is
+    x = torch.from_numpy(np.asarray(cols[image_column], dtype=np.float32))  # a lazy column formatted row by row
+    y = torch.from_numpy(np.asarray(cols[label_column]).astype(np.int64))
     return x, y
 
 

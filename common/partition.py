@@ -61,6 +61,13 @@ def partition_labels(task: str, kind: str, num_partitions: int, alpha: float, se
     return [list(part.load_partition(i)["label"]) for i in range(num_partitions)]
 
 
+@lru_cache(maxsize=64)
+def _partition_tensors(task: str, kind: str, num_partitions: int, alpha: float, seed: int,
+                       partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partition's tensors, cached per process: a simulated node is asked for its data every round."""
+    return from_hf_dataset(_partitioned(task, kind, num_partitions, alpha, seed).load_partition(partition_id))
+
+
 def load_local_data(task: str, partition_id: int, num_partitions: int, *, partitioner: str = "dirichlet",
                     alpha: float = 0.5, seed: int = 0, test_fraction: float = 0.2, calib_size: int = 64,
                     data_path: str = "") -> LocalData:
@@ -70,10 +77,7 @@ def load_local_data(task: str, partition_id: int, num_partitions: int, *, partit
     else:
         if not 0 <= partition_id < num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-
-
-        ds = _partitioned(task, partitioner, num_partitions, float(alpha), seed).load_partition(partition_id)
-        x, y = from_hf_dataset(ds)
+        x, y = _partition_tensors(task, partitioner, num_partitions, float(alpha), seed, partition_id)
     x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed * 7919 + partition_id)
     return LocalData(x_tr, y_tr, x_te, y_te, min(calib_size, len(x_tr)))
 
