@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
+FEDERATED_SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
+SCORES = FEDERATED_SCORES + ("gradient",)  # "gradient": centralised reference (common.gradient_score)
 ALLOCATIONS = ("neuron", "neuron-cap", "global")
 STAT_SCORES = ("taskedge", "taskedge-sqrt", "activation")  # scores that need activation statistics
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -18,7 +19,9 @@ class TaskEdgeConfig:
         absolute number of trainable entries (an integer >= 1).
     score: importance used for ranking; "taskedge" is the paper's |W| * ||X_j||; "taskedge-sqrt" is
         |W| * ||X_j||^(1/2), which damps the few high-activation input columns that the paper's
-        score makes every row pick; "magnitude" (|W|), "activation" (||X_j||) and "random" are ablations.
+        score makes every row pick; "magnitude" (|W|), "activation" (||X_j||) and "random" are ablations;
+        "gradient" (|sum of dL/dW| over labelled calibration batches through a probed head,
+        common.gradient_score) is a centralised GPS-style reference.
     allocation: "neuron" spreads the budget as k entries per output neuron; "neuron-cap" does the
         same with a per-column cap (no input column of a module is picked by more than
         ceil(col_cap * rows * k / width) rows), so the entries also spread over the input columns;

@@ -47,6 +47,9 @@ def importance(module: nn.Module, norm: torch.Tensor | None, method: str = "task
         return w2.clone()
     if method == "random":
         return torch.rand(w2.shape, generator=generator)
+    if method == "gradient":
+        raise ValueError("score='gradient' is computed from calibration gradients (common.gradient_score), "
+                         "not from weights and norms")
     if norm is None:
         raise ValueError(f"score={method!r} needs activation statistics (run calibration batches first)")
     act = row_norms(module, norm.float().to(w2.device))

@@ -48,10 +48,9 @@ import torch
 from torch import nn
 
 from .allocation import Mask
-from .config import STAT_SCORES, TaskEdgeConfig
+from .config import TaskEdgeConfig
 from .layers import SparseDeltaConv2d, SparseDeltaLayer, SparseDeltaLinear
-from .tuner import (_set_module, apply_mask, apply_nm, build_mask, collect_norms, delta_layers, find_head,
-                    mark_trainable)
+from .tuner import _set_module, apply_mask, apply_nm, build_mask, calibrate, delta_layers, find_head, mark_trainable
 from .wire import load
 
 LORA_PACKED = "lora_B"
@@ -191,9 +190,8 @@ def apply_lora_mask(model: nn.Module, mask: Mask, config: TaskEdgeLoRAConfig) ->
 def get_taskedge_lora_model(model: nn.Module, config: TaskEdgeLoRAConfig,
                             calib_batches: Iterable) -> tuple[nn.Module, Mask]:
     """Centralised path: calibrate, allocate the mask M, (N:M-prune the base), wrap."""
-    needs = config.score in STAT_SCORES or config.nm
-    norms = collect_norms(model, config, calib_batches) if needs else None
-    mask = build_mask(model, config, norms)
+    norms, grads = calibrate(model, config, calib_batches)
+    mask = build_mask(model, config, norms, grads)
     apply_nm(model, config, norms)
     return apply_lora_mask(model, mask, config), mask
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common import tuned as _tuned
-from common.config import ALLOCATIONS, SCORES, TaskEdgeConfig
+from common.config import ALLOCATIONS, FEDERATED_SCORES, TaskEdgeConfig
 
 METHODS = ("taskedge", "fedavg-full", "fedlora", "taskedge-lora", "head-only")
 PARTITIONERS = ("iid", "dirichlet")
@@ -205,7 +205,10 @@ def _typed(key: str, value: Any) -> Any:
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    choices = {"method": METHODS, "partitioner": PARTITIONERS, "reconcile": RECONCILE, "score": SCORES,
+    if cfg["score"] == "gradient":
+        raise _bad("score", "is a centralised reference only (it needs labelled calibration gradients, a dense "
+                   "weight-sized upload per node); use it with simulations.finetune", cfg["score"])
+    choices = {"method": METHODS, "partitioner": PARTITIONERS, "reconcile": RECONCILE, "score": FEDERATED_SCORES,
                "allocation": ALLOCATIONS, "server-opt": SERVER_OPTS, "aggregation": AGGREGATIONS,
                "stats-aggregation": STATS_AGGREGATIONS}
     for key, allowed in choices.items():

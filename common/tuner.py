@@ -101,10 +101,17 @@ def collect_norms(model: nn.Module, config: TaskEdgeConfig, batches: Iterable) -
     return {n: s.norm() for n, s in stats.items()}
 
 
-def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None,
+                  grads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Score matrix per target module; score='gradient' takes them from `grads` (common.gradient_score)."""
     gen = torch.Generator().manual_seed(config.seed)
     scores = {}
     for name, mod in target_modules(model, config).items():
+        if config.score == "gradient":
+            if grads is None or name not in grads:
+                raise ValueError(f"no calibration gradient for module '{name}' (score='gradient' needs them)")
+            scores[name] = grads[name]
+            continue
         norm = None if norms is None else norms.get(name)
         if norm is None and config.score in STAT_SCORES:
             raise ValueError(f"no activation statistics for module '{name}' (score={config.score!r} needs them)")
@@ -112,9 +119,10 @@ def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, tor
     return scores
 
 
-def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None) -> Mask:
+def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None,
+               grads: dict[str, torch.Tensor] | None = None) -> Mask:
     """Scores -> neuron-level (or global) mask of exactly the budgeted number of entries."""
-    scores = score_modules(model, config, norms)
+    scores = score_modules(model, config, norms, grads)
     if config.nm is not None:
         n, m = config.nm
         pruned = set(nm_names(model, config))
@@ -211,10 +219,24 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     return plain
 
 
+def calibrate(model: nn.Module, config: TaskEdgeConfig, calib_batches: Iterable
+              ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """What the score (and N:M pruning) needs from the calibration batches: (norms, gradients)."""
+    calib_batches = list(calib_batches)
+    grads = None
+    if config.score == "gradient":
+        from .gradient_score import calibration_gradients
+
+        grads = calibration_gradients(model, target_modules(model, config), find_head(model, config.head),
+                                      calib_batches)
+    norms = collect_norms(model, config, calib_batches) if config.score in STAT_SCORES or config.nm else None
+    return norms, grads
+
+
 def get_taskedge_model(model: nn.Module, config: TaskEdgeConfig, calib_batches: Iterable) -> tuple[nn.Module, Mask]:
     """One call for the centralised path: calibrate, (N:M prune), allocate, wrap."""
-    norms = collect_norms(model, config, calib_batches) if config.score in STAT_SCORES or config.nm else None
-    mask = build_mask(model, config, norms)
+    norms, grads = calibrate(model, config, calib_batches)
+    mask = build_mask(model, config, norms, grads)
     apply_nm(model, config, norms)
     return apply_mask(model, mask, config), mask
 

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @dataclass(frozen=True)
 class Run:
     task: str
-    method: str  # taskedge | fedlora | fedavg-full | head-only
+    method: str  # taskedge | taskedge-lora | fedlora | fedavg-full | head-only
     lr: float
     head_lr: float
     seed: int = 0
@@ -30,7 +30,8 @@ class Run:
     allocation: str = "neuron"
     budget: float = 0.02
     col_cap: float = 1.0
-    lora_rank: int = 8
+    lora_rank: int = 8  # fedlora's rank; taskedge-lora's rank of B
+    nm: str = ""  # N:M of the merged weights for the taskedge methods, e.g. "2:4" ("" = off)
     calib: int = 256
     model: str = "taskedge-vit-tiny"  # or any timm model name
     weights: str = ""  # "" = embedded shipped weights (timm models: random init), "hub" = timm pretrained, or a file
@@ -68,9 +69,10 @@ def finetune(run: Run, threads: int = 1) -> dict:
 
     from common.config import TaskEdgeConfig
     from common.data import get_task, make_split
-    from common.methods import base_model, build
+    from common.methods import MASK_METHODS, base_model, build
+    from common.settings import parse_nm
     from common.train import batches, evaluate, make_optimizer, train_epochs
-    from common.tuner import collect_norms, count_trainable, find_head
+    from common.tuner import build_mask, calibrate, count_trainable, find_head
 
     torch.set_num_threads(threads)
     torch.manual_seed(run.seed)
@@ -81,16 +83,14 @@ def finetune(run: Run, threads: int = 1) -> dict:
     num_classes = spec.num_classes if not run.data_path else int(max(y.max(), ye.max())) + 1
     base = base_model(run.model, num_classes, run.weights, 0)
     tcfg = TaskEdgeConfig(budget=run.budget, score=run.score, allocation=run.allocation, seed=run.seed,
-                          col_cap=run.col_cap)
+                          col_cap=run.col_cap, nm=parse_nm(run.nm))
     t0 = time.perf_counter()
     mask = None
     info = {}
-    if run.method == "taskedge":
-        from common.tuner import build_mask
-
-        xc = make_split(spec, "calib", n=run.calib)[0] if not run.data_path else x[:run.calib]
-        norms = collect_norms(base, tcfg, batches(xc, xc[:, 0, 0, 0], 64, shuffle=False))
-        mask = build_mask(base, tcfg, norms)
+    if run.method in MASK_METHODS:
+        xc, yc = make_split(spec, "calib", n=run.calib) if not run.data_path else (x[:run.calib], y[:run.calib])
+        norms, grads = calibrate(base, tcfg, batches(xc, yc, 64, shuffle=False))
+        mask = build_mask(base, tcfg, norms, grads)
         info = column_stats(mask)
     model = build(run.method, base, tcfg, mask, run.lora_rank, run.seed)
     setup_s = time.perf_counter() - t0
@@ -111,7 +111,7 @@ def finetune(run: Run, threads: int = 1) -> dict:
            f"{other}_acc": ev_other["acc"], "trainable": trainable,
            "trainable_head": head_n, "trainable_body": trainable - head_n,
            "train_s": round(time.perf_counter() - t0, 2), "setup_s": round(setup_s, 2), "history": history, **info}
-    if run.method == "taskedge":
+    if run.method in MASK_METHODS:
         out["entries"] = count_trainable(model)["delta"]
     return out
 

@@ -10,6 +10,8 @@ default selection (written to common/defaults.json "selection") is the variant w
 suite-mean *validation* accuracy; the tables report *test* accuracy. Column statistics (columns
 touched, share of the top-5 columns) show how each rule spreads entries over input columns.
 
+`--only` reruns some variants and merges them into an existing `--json` (the selection is kept).
+
 Stage 2 (budget vs rank): the default selection at budgets BUDGETS vs LoRA at ranks RANKS.
 """
 from __future__ import annotations
@@ -32,6 +34,7 @@ VARIANTS = (
     ("activation ||X||", "activation", "neuron"),
     ("random", "random", "neuron"),
     ("random + column cap", "random", "neuron-cap"),
+    ("gradient (central reference)", "gradient", "neuron"),  # GPS-style; not a federation score, never the default
 )
 BUDGETS = (0.005, 0.01, 0.02, 0.04, 0.08)
 RANKS = (1, 2, 4, 8, 16)
@@ -44,7 +47,7 @@ def _rates(method: str) -> tuple[float, float]:
     return METHOD_LR[method], METHOD_HEAD_LR[method]
 
 
-def stage1(tasks, seeds, epochs, budget) -> list[Run]:
+def stage1(tasks, seeds, epochs, budget, only: set[str] | None = None) -> list[Run]:
     runs = []
     for task in tasks:
         for seed in seeds:
@@ -56,7 +59,7 @@ def stage1(tasks, seeds, epochs, budget) -> list[Run]:
                                         ("lora r=8", "fedlora", 8), ("full fine-tuning", "fedavg-full", 8)):
                 lr, hl = _rates(method)
                 runs.append(Run(task, method, lr, hl, seed=seed, epochs=epochs, lora_rank=rank, tag=label))
-    return runs
+    return [r for r in runs if only is None or r.tag in only]
 
 
 def stage2(tasks, seeds, epochs, score, alloc) -> list[Run]:
@@ -119,8 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only stage 2, with the selection already in common/defaults.json")
     ap.add_argument("--budget-seeds", type=int, default=None, help="seeds of stage 2 (default: --seeds)")
     ap.add_argument("--no-write-defaults", action="store_true")
+    ap.add_argument("--only", default="", help="comma list of stage-1 labels to (re)run and merge into --json")
     args = ap.parse_args(argv)
     from common import tuned
+    from common.config import FEDERATED_SCORES
     from common.data import SUITE
     from common.settings import DEFAULTS
 
@@ -133,9 +138,12 @@ def main(argv: list[str] | None = None) -> dict:
         _budget_stage(args, tasks, list(range(args.budget_seeds or args.seeds)), sel,
                       {"tasks": tasks, "epochs": args.epochs, "budget": budget})
         return {"selection": sel}
+    if args.only:
+        return _merge_only(args, tasks, seeds, budget, t0)
     res1 = run_many(stage1(tasks, seeds, args.epochs, budget), args.workers)
     table = summarize(res1, tasks)
-    cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge"}
+    # the default must run in the federation: central-only references (score "gradient") are not candidates
+    cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and d["score"] in FEDERATED_SCORES}
     winner = max(cands, key=lambda tag: cands[tag]["suite_val_mean"])
     sel = {"score": cands[winner]["score"], "allocation": cands[winner]["allocation"], "budget": budget,
            "chosen_by": "best suite-mean validation accuracy in simulations/compare_scores.py", "label": winner}
@@ -155,6 +163,25 @@ def main(argv: list[str] | None = None) -> dict:
         path.write_text(json.dumps(d, indent=2) + "\n")
     if not args.skip_budget:
         _budget_stage(args, tasks, list(range(args.budget_seeds or args.seeds)), sel, doc["setup"])
+    return doc
+
+
+def _merge_only(args, tasks, seeds, budget, t0) -> dict:
+    """Run the `--only` labels and merge them into the existing table (selection and other rows kept)."""
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    runs = stage1(tasks, seeds, args.epochs, budget, only)
+    missing = only - {r.tag for r in runs}
+    if missing:
+        raise SystemExit(f"--only: unknown labels {sorted(missing)}; known: {[v[0] for v in VARIANTS]}")
+    doc = json.loads(args.json.read_text())
+    if doc["setup"]["tasks"] != tasks or doc["setup"]["seeds"] != seeds or doc["setup"]["epochs"] != args.epochs:
+        raise SystemExit(f"--only: {args.json} was made with another setup ({doc['setup']}); rerun it whole")
+    table = summarize(run_many(runs, args.workers), tasks)
+    doc["variants"].update(table)
+    doc.setdefault("reruns", []).append({"labels": sorted(only), "seconds": round(time.perf_counter() - t0, 1)})
+    args.json.write_text(json.dumps(doc, indent=2))
+    for tag, d in table.items():
+        print(f"[compare] {tag:28s} test {d['suite_mean']:.4f} +- {d['suite_sd']:.4f}  val {d['suite_val_mean']:.4f}")
     return doc
 
 

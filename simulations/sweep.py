@@ -23,6 +23,9 @@ from simulations.central import Run, mean_sd, run_many
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 HEAD_GRID = (1e-3, 3e-3, 1e-2)
 METHODS = ("taskedge", "fedlora", "fedavg-full", "head-only")
+# taskedge-lora (opt-in: --methods taskedge-lora) is swept at the shape simulations/compare_variants.py
+# compares: a mask M of 8 % with B of rank 2, about plain TaskEdge's trainable count at 2 %
+TE_LORA_SHAPE = {"budget": 0.08, "lora_rank": 2}
 
 
 def grid(methods=METHODS, tasks=None, epochs: int = 5, seed: int = 0) -> list[Run]:
@@ -32,7 +35,8 @@ def grid(methods=METHODS, tasks=None, epochs: int = 5, seed: int = 0) -> list[Ru
     for task in tasks or SUITE:
         for m in methods:
             pairs = [(h, h) for h in LR_GRID] if m == "head-only" else [(lr, h) for lr in LR_GRID for h in HEAD_GRID]
-            runs += [Run(task, m, lr, h, seed=seed, epochs=epochs, eval_split="val") for lr, h in pairs]
+            shape = TE_LORA_SHAPE if m == "taskedge-lora" else {}
+            runs += [Run(task, m, lr, h, seed=seed, epochs=epochs, eval_split="val", **shape) for lr, h in pairs]
     return runs
 
 
@@ -56,10 +60,13 @@ def write_defaults(best: dict, setup: dict, path: Path) -> dict:
     from common import tuned
 
     doc = json.loads(path.read_text()) if path.is_file() else {}
-    doc["methods"] = {m: {"lr": v["lr"], "head_lr": v["head_lr"], "val_acc_mean": v["val_acc_mean"]}
-                      for m, v in best.items()}
+    doc.setdefault("methods", {}).update({m: {"lr": v["lr"], "head_lr": v["head_lr"], "val_acc_mean": v["val_acc_mean"]}
+                                          for m, v in best.items()})  # a sweep of some methods keeps the others
     doc.setdefault("selection", dict(tuned.FALLBACK_SELECTION))
-    doc["sweep"] = setup
+    if set(best) >= set(METHODS):
+        doc["sweep"] = setup
+    else:  # an extra method swept on its own: its setup is kept beside the main sweep's
+        doc.setdefault("extra_sweeps", {}).update({m: setup for m in best})
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return doc
 
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup = {"split": "val", "epochs": args.epochs, "tasks": tasks, "lr_grid": list(LR_GRID),
              "head_lr_grid": list(HEAD_GRID), "batch_size": 32, "optimizer": "AdamW, constant rates, no weight decay",
              "selection_rule": "best mean validation accuracy over the tasks", "command": "python -m simulations.sweep"}
+    if "taskedge-lora" in args.methods.split(","):
+        setup["taskedge_lora_shape"] = TE_LORA_SHAPE
     out = {"setup": setup, "best": best, "seconds": round(time.perf_counter() - t0, 1),
            "runs": [{k: v for k, v in r.items() if k not in ("history", "extra")} for r in results]}
     args.json.parent.mkdir(parents=True, exist_ok=True)

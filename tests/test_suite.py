@@ -291,3 +291,21 @@ def test_harness_takes_a_timm_model_and_a_saved_hf_dataset(tmp_path):
     r = finetune(Run("count", "head-only", 1e-2, 1e-2, epochs=1, eval_split="val", model="resnet18",
                      data_path=str(tmp_path / "hf")))
     assert "error" not in r and r["trainable_head"] == 512 * 3 + 3 and 0 <= r["val_acc"] <= 1
+
+
+def test_compare_variants_quick_runs_side_by_side_at_about_equal_trainable(tmp_path):
+    """TaskEdge / TaskEdge+LoRA / LoRA (and their 2:4 versions) through the central harness, and
+    their step cost against the frozen floor, in one tiny run."""
+    from simulations.compare_variants import VARIANTS, main
+
+    out = tmp_path / "v.json"
+    doc = main(["--tasks", "count", "--seeds", "1", "--epochs", "1", "--reps", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["table_md"] == doc["table_md"]
+    acc, cost = doc["accuracy"], doc["cost"]["methods"]
+    assert set(acc) == {label for label, _ in VARIANTS} and "floor" in cost
+    assert acc["taskedge"]["trainable"] == acc["taskedge nm=2:4"]["trainable"] == 4269  # 2 % of 213,440, exactly
+    assert acc["lora r=1"]["trainable"] == 4352
+    assert 0.9 * 4269 < acc["taskedge-lora"]["trainable"] <= 2368 * 2  # rows M touches x rank 2
+    for label in acc:
+        assert 0.0 <= acc[label]["suite_mean"] <= 1.0
+        assert cost[label]["peak_mib"] > 0 and cost[label]["step_ratio_min"] <= cost[label]["step_ratio_max"]
