@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from .sparse_ops import SparseDeltaConv2dFn, SparseDeltaLinearFn
+from .sparse_ops import SparseDeltaConv2dFn, SparseDeltaLinearFn, lead_entries
 
 
 class SparseDeltaLayer(nn.Module):
@@ -70,14 +70,17 @@ class SparseDeltaLinear(SparseDeltaLayer):
         rows = (self.flat_idx // self.width)
         cols = (self.flat_idx % self.width)
         ucols, inv = torch.unique(cols, return_inverse=True)
-        self.register_buffer("rows", rows, persistent=False)
+        lead, rest = lead_entries(rows, base.out_features)  # value-gradient plan (sparse_ops.linear_value_grad)
         self.register_buffer("ucols", ucols, persistent=False)
         self.register_buffer("inv", inv, persistent=False)
+        self.register_buffer("lead", lead, persistent=False)
+        self.register_buffer("rest", rest, persistent=False)
+        self.register_buffer("rest_rows", rows[rest], persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.base_layer
-        return SparseDeltaLinearFn.apply(x, self.values, b.weight, b.bias, self.flat_idx, self.rows,
-                                         self.ucols, self.inv, self.save_dtype)
+        plan = (self.ucols, self.inv, self.lead, self.rest, self.rest_rows)
+        return SparseDeltaLinearFn.apply(x, self.values, b.weight, b.bias, self.flat_idx, plan, self.save_dtype)
 
 
 class SparseDeltaConv2d(SparseDeltaLayer):
@@ -100,6 +103,9 @@ class SparseDeltaConv2d(SparseDeltaLayer):
         # entry e belongs to output channel e (one entry per channel): the value gradient can use
         # dY as it is instead of gathering its channels
         self.o_ident = bool(o.numel() == out_c and torch.equal(o, torch.arange(out_c, device=o.device)))
+        lead, rest = lead_entries(o, out_c)  # entries that use dY as it is (generalises o_ident)
+        self.register_buffer("lead", lead, persistent=False)
+        self.register_buffer("rest", rest, persistent=False)
         # gather indices of the value gradient, per input shape; public because they are memory the
         # layer keeps alive (common.profiling counts them)
         self.index_cache: dict = {}
@@ -108,4 +114,5 @@ class SparseDeltaConv2d(SparseDeltaLayer):
         b = self.base_layer
         geom = (self.pad, b.stride, b.dilation, b.groups, self.uch, self.inv_ch, self.ent_o, self.ent_uv)
         return SparseDeltaConv2dFn.apply(x, self.values, b.weight, b.bias, self.flat_idx, geom,
-                                         self.save_dtype, self.dense_grad, self.o_ident, self.index_cache)
+                                         self.save_dtype, self.dense_grad, self.o_ident, self.index_cache,
+                                         (self.lead, self.rest))

@@ -2,8 +2,8 @@
 
 Backward returns the gradient of `values` only,
     g[e] = sum_t dY[t, row(e)] * X[t, col(e)],
-from the input columns the mask reads (saved, optionally in reduced precision), plus the
-input gradient through W_eff. W0 is frozen and gets no gradient.
+from the input columns the mask reads, plus the input gradient through W_eff. W0 is frozen and
+gets no gradient.
 
 Cost model (what keeps this at the frozen-backbone floor):
   * forward and input gradient are ONE dense GEMM / conv each, run on W_eff = W0 + delta made
@@ -12,12 +12,17 @@ Cost model (what keeps this at the frozen-backbone floor):
     the floor runs. (A (tokens x entries) gather/scatter on top of the W0 GEMM was slower:
     index_add_ along dim 1 goes through scatter_add with an expanded int64 index on CPU.)
   * the value gradient is a gather-multiply-sum over (tokens x entries), chunked over tokens
-    so the temporaries stay cache-sized; no (tokens x width) weight gradient is formed. Conv
-    value gradients use one flat gather over all kernel offsets (indices cached per input
-    shape on the layer), with padding handled by a mask instead of a padded copy.
-  * only the input columns/channels the mask reads are saved (optionally in bf16); when the
-    mask reads all of them the input itself is saved (no copy, shared with any other op that
-    saves it).
+    so the temporaries stay cache-sized; no (tokens x width) weight gradient is formed. The
+    first K entries of every row (output channel), K = the fewest any row has, multiply dY as it
+    is; only the other entries gather dY's columns. Conv value gradients use one flat gather over
+    all kernel offsets (indices cached per input shape on the layer), with padding handled by a
+    mask instead of a padded copy.
+  * nothing beyond the floor is saved where autograd already keeps the input: when the graph
+    saves x's storage (ReLU's result, attention's output) x itself is saved; after LayerNorm /
+    GELU / SiLU the kept columns are recomputed in backward from what that op saves. Otherwise
+    only the input columns/channels the mask reads are saved (optionally in bf16), or the input
+    itself when the mask reads all of them. (The floor's Linear saves no input; its Conv2d saves
+    the whole input.)
 """
 from __future__ import annotations
 
@@ -33,39 +38,157 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-@contextmanager
-def _effective_weight(weight: torch.Tensor, flat_idx: torch.Tensor, values: torch.Tensor):
-    """W_eff = W0 + scatter(values) for the duration of the block, without a weight-sized copy.
+def _patch(weight: torch.Tensor, flat_idx: torch.Tensor, values: torch.Tensor):
+    """(W_eff, undo): W_eff = W0 + scatter(values) without a weight-sized copy; ``_restore(undo)``
+    puts W0 back.
 
-    The E masked entries of the frozen W0 are patched in place and restored bit-exactly from
-    a saved copy of those E entries afterwards (also on error), so the cost is O(E) instead
-    of a weight-sized clone per call. The result equals weight.index_add(values) exactly
-    (flat indices are unique). W0 must not be saved for backward by anything else (a version
-    counter check would fire); the functions below keep it on ctx instead of saving it. A
-    non-contiguous weight falls back to an out-of-place W_eff.
+    The E masked entries of the frozen W0 are patched in place (through a detached alias: no
+    autograd bookkeeping) and restored bit-exactly from a saved copy of those E entries, so the
+    cost is O(E) instead of a weight-sized clone per call. The result equals
+    weight.index_add(values) exactly (flat indices are unique). W0 must not be saved for backward
+    by anything else (a version counter check would fire); the functions below keep it on ctx
+    instead of saving it. A non-contiguous weight gets an out-of-place W_eff.
     """
     if flat_idx.numel() == 0:  # a wrapped layer that got no entries: W_eff is W0
-        yield weight
-        return
-    v = values.detach().to(weight.dtype)
-    if not weight.is_contiguous():
-        yield weight.reshape(-1).index_add(0, flat_idx, v).view_as(weight)
-        return
-    with torch.no_grad():
-        flat = weight.detach().view(-1)
-        orig = flat.index_select(0, flat_idx)
-        flat.index_add_(0, flat_idx, v)
+        return weight.detach(), None
+    v = values.detach()
+    if v.dtype != weight.dtype:
+        v = v.to(weight.dtype)
+    w = weight.detach()
+    if not w.is_contiguous():
+        return w.reshape(-1).index_add(0, flat_idx, v).view_as(w), None
+    flat = w.view(-1)
+    orig = flat.index_select(0, flat_idx)
+    flat.index_add_(0, flat_idx, v)
+    return w, (flat, flat_idx, orig)
+
+
+def _restore(undo) -> None:
+    if undo is not None:
+        flat, flat_idx, orig = undo
+        flat.index_copy_(0, flat_idx, orig)
+
+
+@contextmanager
+def _effective_weight(weight: torch.Tensor, flat_idx: torch.Tensor, values: torch.Tensor):
+    """W_eff (see _patch) for the duration of the block; W0 is restored also on error."""
+    w_eff, undo = _patch(weight, flat_idx, values)
     try:
-        yield weight.detach()
+        yield w_eff
     finally:
-        with torch.no_grad():
-            flat.index_copy_(0, flat_idx, orig)
+        _restore(undo)
 
 
 def _keep(x: torch.Tensor, dim: int, idx: torch.Tensor, full: bool, save_dtype: str) -> torch.Tensor:
     """The slices of x the value gradient reads, in the save dtype (x itself when all are read)."""
     kept = x if full else x.index_select(dim, idx)
     return kept.to(_dtype(save_dtype))
+
+
+# --- getting the input back in backward without a copy ------------------------------------------
+#
+# The floor (frozen backbone) saves no Linear input: the input gradient needs only the weight. The
+# value gradient needs the input columns the mask reads. Often autograd keeps them alive anyway:
+#   * "alias":  x's storage is saved by the op that made x or by a view chain above it (ReLU saves
+#               its result, CPU flash attention its output, of which ViT's proj input is a view):
+#               saving x itself costs nothing;
+#   * "ln":     x = layer_norm(h) over the last dim: LayerNorm saves h, mean, rstd (and its affine
+#               parameters), so the columns are recomputed from those, O(tokens x kept columns);
+#   * "unary":  x = gelu(h) / silu(h): the op saves h; the columns are recomputed elementwise.
+# The recomputed columns equal the forward's up to float rounding of the recomputation (a few ulp),
+# in float32 whatever the save dtype. Anything else saves the kept columns ("cols") or, when the mask
+# reads them all, x itself ("full").
+
+_SAVED_NAMES: dict[type, tuple[str, ...]] = {}
+_UNARY = {"GeluBackward0": "gelu", "SiluBackward0": "silu"}
+
+
+def _saved_tensors_of(fn) -> list[torch.Tensor]:
+    names = _SAVED_NAMES.get(type(fn))
+    if names is None:
+        names = _SAVED_NAMES[type(fn)] = tuple(a for a in dir(fn) if a.startswith("_saved_"))
+    out = []
+    for a in names:
+        try:
+            t = getattr(fn, a)
+        except RuntimeError:  # already freed (retain_graph=False after a backward)
+            continue
+        if isinstance(t, torch.Tensor):
+            out.append(t)
+    return out
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
+
+
+def _graph_keeps(x: torch.Tensor, depth: int = 4) -> bool:
+    """True when a node on x's single-parent grad_fn chain (up to ``depth`` nodes) saves a tensor
+    on x's storage: the graph keeps that memory alive until after this layer's backward anyway
+    (ancestors run their backward later), so saving x as well adds nothing."""
+    ptr = _storage_ptr(x)
+    fn = x.grad_fn
+    for _ in range(depth):
+        if fn is None or not ptr:
+            return False
+        if any(_storage_ptr(t) == ptr for t in _saved_tensors_of(fn)):
+            return True
+        nxt = [f for f, _ in fn.next_functions if f is not None]
+        fn = nxt[0] if len(nxt) == 1 else None
+    return False
+
+
+def _recompute_source(x: torch.Tensor):
+    """("ln", tensors, None) / ("unary", (h,), name) when x's columns can be recomputed from what its
+    producer saves (see above), else None. Only the exact producer output qualifies (same shape and
+    dtype, output 0, normalisation over the last dim only)."""
+    fn = x.grad_fn
+    if fn is None or x.output_nr != 0:
+        return None
+    kind = type(fn).__name__
+    try:
+        if kind == "NativeLayerNormBackward0":
+            if tuple(fn._saved_normalized_shape) != (x.shape[-1],):
+                return None
+            h, mean, rstd = fn._saved_input, fn._saved_result1, fn._saved_result2
+            w, b = fn._saved_weight, fn._saved_bias
+            if h.shape != x.shape or h.dtype != x.dtype or mean.dtype != x.dtype:
+                return None
+            return "ln", (h, mean, rstd, w, b), None
+        if kind in _UNARY:
+            h = fn._saved_self
+            if kind == "GeluBackward0":
+                name = "gelu-" + fn._saved_approximate
+            else:
+                name = _UNARY[kind]
+            if h.shape != x.shape or h.dtype != x.dtype:
+                return None
+            return "unary", (h,), name
+    except (AttributeError, RuntimeError):
+        return None
+    return None
+
+
+def _columns(kind: str, tensors, fn_name, ucols: torch.Tensor) -> torch.Tensor:
+    """The recomputed input columns ucols, (tokens x kept), float32 (see _recompute_source)."""
+    if kind == "ln":
+        h, mean, rstd, w, b = tensors
+        c = h.shape[-1]
+        xu = h.reshape(-1, c).index_select(1, ucols).float()
+        xu = xu.sub_(mean.reshape(-1, 1)).mul_(rstd.reshape(-1, 1))
+        if w is not None:
+            xu.mul_(w.index_select(0, ucols))
+        if b is not None:
+            xu.add_(b.index_select(0, ucols))
+        return xu
+    (h,) = tensors
+    xu = h.reshape(-1, h.shape[-1]).index_select(1, ucols).float()
+    if fn_name.startswith("gelu-"):
+        return F.gelu(xu, approximate=fn_name[5:])
+    return F.silu(xu)
 
 
 def _rowwise_dot(a: torch.Tensor, a_idx: torch.Tensor, b: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
@@ -84,46 +207,137 @@ def _rowwise_dot(a: torch.Tensor, a_idx: torch.Tensor, b: torch.Tensor, b_idx: t
     return out
 
 
+def _lead_dot(a: torch.Tensor, b: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+    """out[j, r] = sum_t a[t, r] * b[t, b_idx[j * R + r]] for a (t x R) and K = len(b_idx) / R:
+    _rowwise_dot when entry (j, r) belongs to row r, without gathering a."""
+    t, r = a.shape
+    k = b_idx.numel() // max(1, r)
+    if t == 0 or k == 0:
+        return torch.zeros(k * r, dtype=torch.float32, device=a.device)
+    a = a.float() if a.dtype != torch.float32 else a
+    b = b.float() if b.dtype != torch.float32 else b
+    step = max(1, _CHUNK // (k * r))
+    out = None
+    for s in range(0, t, step):
+        bb = b[s:s + step].index_select(1, b_idx).view(-1, k, r)
+        part = bb.mul_(a[s:s + step].unsqueeze(1)).sum(0)
+        out = part if out is None else out.add_(part)
+    return out.reshape(-1)
+
+
+def linear_value_grad(dy: torch.Tensor, xs: torch.Tensor, colmap: torch.Tensor, lead: torch.Tensor,
+                      rest: torch.Tensor, rest_rows: torch.Tensor) -> torch.Tensor:
+    """g[e] = sum_t dy[t, row(e)] * xs[t, colmap[e]] (float32).
+
+    ``lead`` lists, for j < K, the j-th entry of every row (position j * out + r holds row r's), where
+    K is the fewest entries any row has (0 when some row has none): those read dy's columns in order,
+    so dy is not gathered for them; ``rest`` is every other entry, ``rest_rows`` their rows."""
+    e = lead.numel() + rest.numel()
+    if lead.numel() == 0:
+        return _rowwise_dot(dy, rest_rows, xs, colmap)  # rest == all entries, in order
+    g = torch.empty(e, dtype=torch.float32, device=dy.device)
+    g.index_copy_(0, lead, _lead_dot(dy, xs, colmap.index_select(0, lead)))
+    if rest.numel():
+        g.index_copy_(0, rest, _rowwise_dot(dy, rest_rows, xs, colmap.index_select(0, rest)))
+    return g
+
+
+def lead_entries(owner: torch.Tensor, n_owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lead, rest) positions for entries sorted by ``owner`` (row / output channel), see
+    linear_value_grad: lead[j * n_owner + o] = position of owner o's j-th entry for j < K, K = the
+    fewest entries any owner has."""
+    counts = torch.bincount(owner, minlength=n_owner) if owner.numel() else torch.zeros(n_owner, dtype=torch.long)
+    k = int(counts.min()) if n_owner else 0
+    if k == 0:
+        empty = torch.zeros(0, dtype=torch.long, device=owner.device)
+        return empty, torch.arange(owner.numel(), device=owner.device)
+    start = torch.cumsum(counts, 0) - counts  # first position of each owner (entries sorted by owner)
+    lead = (start.unsqueeze(0) + torch.arange(k, device=owner.device).unsqueeze(1)).reshape(-1)
+    is_lead = torch.zeros(owner.numel(), dtype=torch.bool, device=owner.device)
+    is_lead[lead] = True
+    return lead, (~is_lead).nonzero().reshape(-1)
+
+
+def _input_source(x: torch.Tensor, n_kept: int, save_dtype: str, dim: int, idx: torch.Tensor,
+                  recompute: bool):
+    """(kind, tensors to save, detail) for the value gradient's input (see the notes above):
+    "alias" x itself (its storage is kept alive by the graph anyway), "ln"/"unary" recomputed
+    columns, "full" x itself (or its save-dtype copy) when the mask reads every column/channel,
+    "cols" a copy of the kept columns/channels (index ``idx`` along ``dim``)."""
+    if _graph_keeps(x):
+        return "alias", (x,), None
+    if recompute:
+        rc = _recompute_source(x)
+        if rc is not None:
+            return rc[0], rc[1], rc[2]
+    if n_kept == x.shape[dim]:
+        return "full", (_keep(x, dim, idx, True, save_dtype),), None
+    return "cols", (_keep(x, dim, idx, False, save_dtype),), None
+
+
 class SparseDeltaLinearFn(torch.autograd.Function):
-    """y = x W_eff^T + b with W_eff = W0 + scatter(values), built on the fly (never saved)."""
+    """y = x W_eff^T + b with W_eff = W0 + scatter(values), built on the fly (never saved).
+
+    ``plan`` = (ucols, inv, lead, rest, rest_rows): the input columns the mask reads, each entry's
+    position among them, and the lead / rest split of linear_value_grad (buffers of the layer)."""
 
     @staticmethod
-    def forward(ctx, x, values, weight, bias, flat_idx, rows, ucols, inv, save_dtype: str):
+    def forward(ctx, x, values, weight, bias, flat_idx, plan, save_dtype: str):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        with _effective_weight(weight, flat_idx, values) as w_eff:
+        w_eff, undo = _patch(weight, flat_idx, values)
+        try:
             y = F.linear(x2, w_eff, bias)
-        full = ucols.numel() == shape[-1]  # then ucols == arange(in) and inv == cols
-        ctx.save_for_backward(_keep(x2, 1, ucols, full, save_dtype), values, flat_idx, rows, inv)
+        finally:
+            _restore(undo)
+        kind, src, detail = "none", (), None
+        if ctx.needs_input_grad[1]:
+            kind, src, detail = _input_source(x, plan[0].numel(), save_dtype, x.dim() - 1, plan[0], True)
+            if kind == "cols":
+                src = (src[0].reshape(-1, src[0].shape[-1]),)
+        ctx.save_for_backward(values, flat_idx, *src)
+        ctx.kind, ctx.detail, ctx.plan = kind, detail, plan
         ctx.weight, ctx.in_shape = weight, shape  # frozen parameter: not saved (see _effective_weight)
         return y.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        xu, values, flat_idx, rows, inv = ctx.saved_tensors
+        values, flat_idx, *src = ctx.saved_tensors
         weight = ctx.weight
         dy2 = dy.reshape(-1, weight.shape[0])
         dx = dv = None
         if ctx.needs_input_grad[0]:
-            with _effective_weight(weight, flat_idx, values) as w_eff:
+            w_eff, undo = _patch(weight, flat_idx, values)
+            try:
                 dx = (dy2 @ w_eff.to(dy2.dtype)).reshape(ctx.in_shape)
+            finally:
+                _restore(undo)
         if ctx.needs_input_grad[1]:
-            dv = _rowwise_dot(dy2, rows, xu, inv).to(values.dtype)
-        return dx, dv, None, None, None, None, None, None, None
+            ucols, inv, lead, rest, rest_rows = ctx.plan
+            kind = ctx.kind
+            if kind in ("alias", "full"):
+                xs, colmap = src[0].reshape(-1, ctx.in_shape[-1]), ucols.index_select(0, inv)
+            elif kind == "cols":
+                xs, colmap = src[0], inv
+            else:
+                xs, colmap = _columns(kind, src, ctx.detail, ucols), inv
+            dv = linear_value_grad(dy2, xs, colmap, lead, rest, rest_rows).to(values.dtype)
+        return dx, dv, None, None, None, None, None
 
 
 class SparseDeltaConv2dFn(torch.autograd.Function):
     """Conv2d with W_eff = W0 + scatter(values); value gradients from shifted input views.
 
     Symmetric padding goes straight to the convolution; asymmetric padding ('same' with an even
-    kernel) is applied explicitly. Only the input channels that some trainable entry reads are
-    saved (unpadded). With dense=True the value gradient is gathered from torch's dense conv
-    weight gradient instead (the input is saved whole).
+    kernel) is applied explicitly. The input is saved as the floor's conv saves it (whole) when the
+    graph keeps its storage alive anyway or the mask reads every channel; otherwise only the input
+    channels some trainable entry reads (unpadded). With dense=True the value gradient is gathered
+    from torch's dense conv weight gradient instead (the input is saved whole).
     """
 
     @staticmethod
     def forward(ctx, x, values, weight, bias, flat_idx, geom, save_dtype: str, dense: bool,
-                o_ident: bool = False, cache: dict | None = None):
+                o_ident: bool = False, cache: dict | None = None, lead=None):
         pad, stride, dilation, groups, uch, inv_ch, ent_o, ent_uv = geom
         l, r, t, b = pad
         with _effective_weight(weight, flat_idx, values) as w_eff:
@@ -131,11 +345,14 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
                 y = F.conv2d(x, w_eff, bias, stride, (t, l), dilation, groups)
             else:
                 y = F.conv2d(F.pad(x, pad), w_eff, bias, stride, 0, dilation, groups)
-        full = dense or uch.numel() == x.shape[1]
-        ctx.save_for_backward(_keep(x, 1, uch, full, save_dtype), values, flat_idx)
+        if dense:
+            kind, src = "full", (_keep(x, 1, uch, True, save_dtype),)
+        else:
+            kind, src, _ = _input_source(x, uch.numel(), save_dtype, 1, uch, False)
+        ctx.save_for_backward(src[0], values, flat_idx)
         ctx.weight = weight  # frozen parameter: not saved (see _effective_weight)
-        ctx.geom, ctx.dense, ctx.full, ctx.xshape = geom, dense, full, x.shape
-        ctx.o_ident, ctx.cache = o_ident, cache
+        ctx.geom, ctx.dense, ctx.kind, ctx.full, ctx.xshape = geom, dense, kind, kind != "cols", x.shape
+        ctx.o_ident, ctx.cache, ctx.lead = o_ident, cache, lead
         return y
 
     @staticmethod
@@ -168,14 +385,15 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
         if need_v and not ctx.dense:
             ch = inv_ch if not ctx.full else uch[inv_ch]
             dv = conv_value_grad(keep, dy, weight.shape, pad, stride, dilation, ch, ent_o, ent_uv,
-                                 ctx.o_ident, ctx.cache).to(values.dtype)
-        return dx, dv, None, None, None, None, None, None, None, None
+                                 ctx.o_ident, ctx.cache, ctx.lead).to(values.dtype)
+        return dx, dv, None, None, None, None, None, None, None, None, None
 
 
-def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache):
+def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order_key=None):
     """Flat index into one sample of the saved (unpadded) input for every (entry, output position),
-    and a validity mask (None when no position falls into the zero padding). Cached per shape."""
-    key = (tuple(xshape[1:]), ho, wo, ch.device)
+    and a validity mask (None when no position falls into the zero padding). Cached per shape
+    (and entry order: ``order_key`` is None for mask order)."""
+    key = (tuple(xshape[1:]), ho, wo, ch.device) + (() if order_key is None else (order_key,))
     if cache is not None and key in cache:
         return cache[key]
     _, _, h, w = xshape
@@ -196,19 +414,34 @@ def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo
     return out
 
 
-def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_ident=False, cache=None):
+def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_ident=False, cache=None,
+                    lead=None):
     """g[e] = sum_{n,h,w} dY[n, o_e, h, w] * Xpad[n, c_e, h*s + u_e*d, w*s + v_e*d].
 
     xs holds the saved (unpadded) input channels; `ch` indexes them per entry. All kernel
     offsets are handled by one flat gather (no per-offset loop, no padded copy: positions in
     the zero padding are masked out after the batch sum); a 1x1 / stride-1 / unpadded conv is
-    the Linear case on channel rows and gathers whole rows. With o_ident (entry e belongs to
-    output channel e) the output gradient is used as it is, without a gather.
+    the Linear case on channel rows and gathers whole rows. ``lead`` = (lead, rest) positions
+    (``lead_entries`` over output channels): the j-th entry of every output channel, j < K, uses
+    the output gradient as it is, without a gather; only the rest gather dY's channels. o_ident
+    (entry e belongs to output channel e) is the case lead = all entries, K = 1.
     """
     n_b, o_c, ho, wo = dy.shape
     e = ent_o.numel()
     if e == 0 or n_b == 0:
         return torch.zeros(e, dtype=torch.float32, device=dy.device)
+    if lead is None:
+        every = torch.arange(e, device=ent_o.device)
+        lead = (every, every[:0]) if o_ident else (every[:0], every)
+    lead, rest = lead
+    kl = lead.numel()
+    k = kl // o_c
+    # entries in (lead, rest) order; that is mask order when there is no lead (rest = all) or one
+    # entry per channel (lead = all, in channel order)
+    order = None if kl == 0 or (kl == e and k == 1) else torch.cat([lead, rest])
+    if order is not None:  # entries in (lead, rest) order; the cache key tells the orders apart
+        ch, ent_uv = ch.index_select(0, order), ent_uv.index_select(0, order)
+    o_rest = ent_o.index_select(0, rest) if rest.numel() else None
     p = ho * wo
     dyf = dy.reshape(n_b, o_c, p).float()
     pointwise = wshape[2] == wshape[3] == 1 and tuple(stride) == (1, 1) and not any(pad)
@@ -216,15 +449,22 @@ def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_
     if pointwise:
         xf, idx, valid = xs.reshape(n_b, xs.shape[1], p), ch, None
     else:
-        idx, valid = _conv_gather_index(xs.shape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache)
+        idx, valid = _conv_gather_index(xs.shape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache,
+                                        None if order is None else kl)
         xf = xs.reshape(n_b, -1)
     n_per = max(1, _CHUNK // (e * p))
     acc = None
     for s in range(0, n_b, n_per):
         bb = xf[s:s + n_per].index_select(1, idx).reshape(-1, e, p)  # (n, E, P)
-        a = dyf[s:s + n_per] if o_ident else dyf[s:s + n_per].index_select(1, ent_o)
-        part = bb.mul_(a).sum(0)  # (E, P)
+        if kl:
+            bb[:, :kl].view(-1, k, o_c, p).mul_(dyf[s:s + n_per].unsqueeze(1))
+        if o_rest is not None:
+            bb[:, kl:].mul_(dyf[s:s + n_per].index_select(1, o_rest))
+        part = bb.sum(0)  # (E, P)
         acc = part if acc is None else acc.add_(part)
     if valid is not None:
         acc.mul_(valid)
-    return acc.sum(1)
+    g = acc.sum(1)
+    if order is None:
+        return g
+    return torch.empty_like(g).index_copy_(0, order, g)
