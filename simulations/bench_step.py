@@ -10,15 +10,21 @@ init, no downloads), one fixed batch. For each method:
 * ``lora``     HF peft LoRA r=8 on the modules TaskEdge wraps + dense head, AdamW (grouped /
                depthwise convs that peft rejects at r=8 are left frozen and reported on stderr).
 * ``full``     every parameter trainable, AdamW.
+* ``floor-stem``  (opt-in) the floor with the backward stopped at the output of the first Conv2d /
+               Linear (a forward hook makes that output the leaf): no input gradient of the stem,
+               which TaskEdge does not compute either (it trains the stem's entries but needs no
+               gradient of the image). A timing reference only: how much of the floor is the
+               image gradient (on ViT-B at 64 px the 16x16/16 patch conv's input gradient).
 * ``taskedge-lora``  (opt-in: ``--methods ...,taskedge-lora``) ``get_taskedge_lora_model``: dW = M ⊙ (B A)
                with A frozen, on a TaskEdge mask of ``--te-lora-budget`` (default 0.004, ~4 entries per
                row on ViT-B) at rank ``--te-lora-rank`` (default 1: rows x 1 trainable, about plain
                TaskEdge's 0.1 % count) + dense head, AdamW.
 
 step_s
-    Median wall time of a whole training step (zero_grad, forward, cross-entropy, backward,
-    optimizer step) over ``--steps`` steps after ``--warmup`` warm-up steps. All methods are
-    set up side by side and their steps interleaved round-robin, so that load from other
+    Wall time of a whole training step (zero_grad, forward, cross-entropy, backward, optimizer
+    step): the median over ``--reps`` repetitions of the median of ``--steps`` steps (after
+    ``--warmup`` warm-up steps before the first repetition). All methods are set up side by side
+    and their steps interleaved round-robin in every repetition, so that load from other
     processes on a shared machine hits every method alike (the memory figures come from a
     separate, sequential pass, one model alive at a time).
 peak_mb  (tensor memory; what ``mem_ratio`` compares)
@@ -41,8 +47,12 @@ peak_rss_mb
     that is impossible it falls back to ``resource.getrusage(...).ru_maxrss``, which is monotone
     over the process (then only the first method's value is its own). RSS includes the Python
     interpreter, torch, allocator caching and the input batch.
-step_ratio / mem_ratio
-    ``step_s`` / floor's ``step_s`` and ``peak_mb`` / floor's ``peak_mb``.
+step_ratio / step_ratio_min / step_ratio_max / step_ratio_reps
+    Per repetition, the method's median step over the floor's median step of the same
+    repetition; ``step_ratio`` is the median of those ``--reps`` ratios (default 3), min / max
+    their range, ``step_ratio_reps`` all of them (so one noisy repetition cannot decide it).
+mem_ratio
+    ``peak_mb`` / floor's ``peak_mb``.
 trainable
     Number of trainable scalars (TaskEdge: delta entries + head).
 
@@ -51,7 +61,8 @@ pre-hooks that accumulate per-feature squared sums, under no_grad) against a pla
 forward over the same calibration batches (median of ``--calib-repeats`` runs each).
 
 Beside the per-method schema the JSON carries ``timing_detail`` (per method: fastest step,
-median process-CPU time per step and both as ratios to the floor, all step times) and
+median process-CPU time per step and both as ratios to the floor, all step times per repetition,
+and with ``floor-stem`` run the step ratios against it) and
 ``settings`` (image size, save dtype, threads, load average at start/end, ...). On a shared,
 loaded machine two-thread wall-clock steps stall whenever a worker thread is descheduled
 (each parallel op waits for it), which penalises methods with more (small) ops; compare
@@ -97,7 +108,7 @@ from common.config import TaskEdgeConfig  # noqa: E402
 from common.models import create_model  # noqa: E402
 from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
 
-METHODS = ("floor", "taskedge", "lora", "full", "taskedge-lora")
+METHODS = ("floor", "taskedge", "lora", "full", "taskedge-lora", "floor-stem")
 DEFAULT_METHODS = ("floor", "taskedge", "lora", "full")
 MIB = profiling.MIB
 CONV_SHAPES = [  # (batch, channels, input size, kernel, stride): depthwise layers of MobileNet-style nets
@@ -140,6 +151,10 @@ def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optim
     head = find_head(model)
     if method == "floor":
         model.requires_grad_(False)
+    elif method == "floor-stem":
+        model.requires_grad_(False)
+        stem = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        stem.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True))
     elif method == "taskedge":
         cfg = TaskEdgeConfig(budget=args.budget, save_dtype=args.save_dtype, conv_grad=args.conv_grad)
         model, _ = get_taskedge_model(model, cfg, calib)
@@ -183,15 +198,29 @@ def measure_memory(method: str, args, x, y, calib) -> dict:
 
 
 def measure_time(methods: list[str], args, x, y, calib):
-    """Per-step wall and process-CPU times, all methods set up side by side and interleaved."""
+    """Per-step wall and process-CPU times, all methods set up side by side and interleaved, in
+    ``args.reps`` repetitions of ``args.steps`` steps each: ({method: [[rep 1 times], ...]}, same
+    for CPU)."""
     steps = {}
     for m in methods:
         model, opt, _ = setup_method(m, args, calib)
         steps[m] = partial(profiling.train_step, model, opt, x, y, m == "floor")
-    times, cpu = profiling.interleaved_times(steps, args.warmup, args.steps)
+    times = {m: [] for m in methods}
+    cpu = {m: [] for m in methods}
+    for r in range(args.reps):
+        wall, c = profiling.interleaved_times(steps, args.warmup if r == 0 else 0, args.steps)
+        for m in methods:
+            times[m].append(wall[m])
+            cpu[m].append(c[m])
     del steps
     gc.collect()
     return times, cpu
+
+
+def rep_ratios(times: dict[str, list[list[float]]], ref: str = "floor") -> dict[str, list[float]]:
+    """Per repetition, each method's median step over ``ref``'s median step of that repetition."""
+    return {m: [statistics.median(t) / statistics.median(f) for t, f in zip(reps, times[ref])]
+            for m, reps in times.items()}
 
 
 def importance_pass(args, calib) -> dict:
@@ -227,7 +256,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--img-size", type=int, default=64)
     p.add_argument("--num-classes", type=int, default=10)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per method (median reported)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per method and repetition (median taken)")
+    p.add_argument("--reps", type=int, default=3,
+                   help="interleaved repetitions; the step ratio is the median of the per-repetition ratios")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     p.add_argument("--budget", type=float, default=0.001)
     p.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16", "float16"))
@@ -268,33 +299,44 @@ def run(args) -> dict:
     result = {"model": args.model, "batch": args.batch, "methods": {}}
     mem = {m: measure_memory(m, args, x, y, calib) for m in methods}
     times, cpu = measure_time(methods, args, x, y, calib)
+    ratios = rep_ratios(times)
     for m in methods:
-        result["methods"][m] = {"step_s": statistics.median(times[m]), "peak_mb": mem[m]["peak_mb"],
-                                "peak_rss_mb": mem[m]["peak_rss_mb"], "step_ratio": 0.0, "mem_ratio": 0.0,
-                                "trainable": mem[m]["trainable"]}
+        ratio = ratios[m]
+        result["methods"][m] = {"step_s": statistics.median(statistics.median(t) for t in times[m]),
+                                "peak_mb": mem[m]["peak_mb"], "peak_rss_mb": mem[m]["peak_rss_mb"],
+                                "step_ratio": statistics.median(ratio), "step_ratio_min": min(ratio),
+                                "step_ratio_max": max(ratio), "step_ratio_reps": ratio,
+                                "mem_ratio": 0.0, "trainable": mem[m]["trainable"]}
     fl = result["methods"]["floor"]
     for m, r in result["methods"].items():
-        r["step_ratio"] = r["step_s"] / fl["step_s"]
         r["mem_ratio"] = r["peak_mb"] / fl["peak_mb"]
         p = mem[m]["_parts"]
-        print(f"[{m:8s}] step {r['step_s']:.3f}s ({r['step_ratio']:.3f}x)  tensor {r['peak_mb']:7.1f} MiB "
+        print(f"[{m:8s}] step {r['step_s']:.3f}s ({r['step_ratio']:.3f}x, reps {r['step_ratio_min']:.3f}-"
+              f"{r['step_ratio_max']:.3f})  tensor {r['peak_mb']:7.1f} MiB "
               f"({r['mem_ratio']:.3f}x: params {p['params_mb']:.1f} saved {p['saved_mb']:.1f} "
               f"grads {p['grads_mb']:.1f} optim {p['optim_mb']:.1f})  rss {r['peak_rss_mb']:.0f} MiB  "
-              f"trainable {r['trainable']:,}  cpu/step {statistics.median(cpu[m]):.3f}s  "
-              f"steps {[round(t, 3) for t in times[m]]}", file=sys.stderr)
+              f"trainable {r['trainable']:,}  cpu/step {statistics.median(sum(cpu[m], [])):.3f}s  "
+              f"steps {[[round(t, 3) for t in rep] for rep in times[m]]}", file=sys.stderr)
     if not args.no_importance:
         result["importance_pass"] = importance_pass(args, calib)
     # supplementary timing (not part of the per-method schema): on a shared, loaded machine the
     # fastest step and the process CPU time per step are steadier than the wall-clock median
-    cpu_fl = statistics.median(cpu["floor"])
-    result["timing_detail"] = {m: {"step_min_s": min(times[m]), "step_cpu_s": statistics.median(cpu[m]),
-                                   "cpu_ratio": statistics.median(cpu[m]) / cpu_fl,
-                                   "min_ratio": min(times[m]) / min(times["floor"]),
-                                   "steps_s": [round(t, 4) for t in times[m]]} for m in methods}
+    flat = {m: sum(times[m], []) for m in methods}
+    cpu_flat = {m: sum(cpu[m], []) for m in methods}
+    cpu_fl = statistics.median(cpu_flat["floor"])
+    result["timing_detail"] = {m: {"step_min_s": min(flat[m]), "step_cpu_s": statistics.median(cpu_flat[m]),
+                                   "cpu_ratio": statistics.median(cpu_flat[m]) / cpu_fl,
+                                   "min_ratio": min(flat[m]) / min(flat["floor"]),
+                                   "steps_s": [[round(t, 6) for t in rep] for rep in times[m]]} for m in methods}
+    if "floor-stem" in methods:  # the same ratios against the floor without the stem's input gradient
+        for m, ratio in rep_ratios(times, "floor-stem").items():
+            result["timing_detail"][m]["ratio_to_floor_stem"] = {
+                "median": statistics.median(ratio), "min": min(ratio), "max": max(ratio)}
     # run context (not part of the per-method schema): what was measured, and how loaded the box was
     result["settings"] = {
         "img_size": args.img_size, "model_kwargs": args.model_kwargs, "num_classes": args.num_classes, "save_dtype": args.save_dtype,
-        "conv_grad": args.conv_grad, "budget": args.budget, "steps": args.steps, "warmup": args.warmup,
+        "conv_grad": args.conv_grad, "budget": args.budget, "steps": args.steps, "reps": args.reps,
+        "warmup": args.warmup,
         "threads": args.threads, "torch": torch.__version__,
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
         "loadavg_1min_start_end": [round(load0, 2), round(_loadavg(), 2)],

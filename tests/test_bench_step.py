@@ -5,11 +5,13 @@ Tiny models, one timed step, one thread (a loaded 2-core box stalls multi-thread
 import json
 
 import pytest
+import torch.nn.functional as F
 
 from simulations import bench_step
 
-METHOD_KEYS = {"step_s", "peak_mb", "peak_rss_mb", "step_ratio", "mem_ratio", "trainable"}
-FAST = ["--steps", "1", "--warmup", "1", "--calib-repeats", "1", "--threads", "1", "--batch", "2"]
+METHOD_KEYS = {"step_s", "peak_mb", "peak_rss_mb", "step_ratio", "step_ratio_min", "step_ratio_max", "step_ratio_reps",
+               "mem_ratio", "trainable"}
+FAST = ["--steps", "1", "--warmup", "1", "--reps", "2", "--calib-repeats", "1", "--threads", "1", "--batch", "2"]
 
 
 def _check_schema(res, model, importance=True):
@@ -26,9 +28,15 @@ def _check_schema(res, model, importance=True):
     assert 0 < te["trainable"] < lora["trainable"] < full["trainable"]
     # full fine-tuning keeps gradients + AdamW state of every weight: strictly the most memory
     assert full["peak_mb"] > max(te["peak_mb"], lora["peak_mb"])
-    for m in res["methods"].values():
+    steps = {k: v["steps_s"] for k, v in res["timing_detail"].items()}
+    assert all(len(reps) == 2 and all(len(r) == 1 for r in reps) for reps in steps.values())  # 2 reps x 1 step
+    for name, m in res["methods"].items():
         assert m["mem_ratio"] == pytest.approx(m["peak_mb"] / fl["peak_mb"])
-        assert m["step_ratio"] == pytest.approx(m["step_s"] / fl["step_s"])
+        # per repetition: this method's median step over the floor's of the same repetition
+        want = [a[0] / b[0] for a, b in zip(steps[name], steps["floor"])]
+        assert m["step_ratio_reps"] == pytest.approx(want, rel=1e-3)
+        assert m["step_ratio_min"] <= m["step_ratio"] <= m["step_ratio_max"]
+        assert m["step_ratio"] == pytest.approx(sum(want) / 2, rel=1e-3)  # median of two = their mean
     if not importance:
         assert "importance_pass" not in res
         return
@@ -62,3 +70,27 @@ def test_conv_micro(monkeypatch):
     rows = res["conv_micro"]
     assert [r["kernel"] for r in rows] == [3, 5]
     assert all(r["sparse_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+
+
+def test_floor_stem_stops_the_backward_at_the_stem_output():
+    """floor-stem: nothing trains, the image gets no gradient, the stem's output is the leaf."""
+    args = bench_step.parse_args(["--model", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 1}', "--img-size", "32",
+                                  *FAST])
+    x, y = bench_step.make_batches(2, 32, 10, 1, 0)[0]
+    model, opt, trainable = bench_step.setup_method("floor-stem", args, None)
+    assert opt is None and trainable == 0
+    leaves = []
+    model.patch_embed.proj.register_forward_hook(lambda _m, _i, out: leaves.append(out))  # sees the stem hook's leaf
+    F.cross_entropy(model(x), y).backward()
+    assert x.grad is None and all(p.grad is None for p in model.parameters())
+    assert leaves[0].is_leaf and leaves[0].grad is not None  # the backward ends at the stem's output
+
+
+def test_floor_stem_ratios_in_timing_detail():
+    res = bench_step.main(["--model", "vit_tiny_patch16_224", "--model-kwargs", '{"depth": 1}', "--img-size", "32",
+                           "--methods", "taskedge,floor-stem", "--no-importance", *FAST])
+    assert set(res["methods"]) == {"floor", "taskedge", "floor-stem"}
+    for name in res["methods"]:
+        r = res["timing_detail"][name]["ratio_to_floor_stem"]
+        assert r["min"] <= r["median"] <= r["max"]
+    assert res["timing_detail"]["floor-stem"]["ratio_to_floor_stem"]["median"] == pytest.approx(1.0)
