@@ -31,7 +31,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-_CHUNK = 1 << 18  # elements per temporary (tokens x entries) product; ~1 MiB in float32
+_CHUNK = 1 << 20  # elements per temporary (tokens x entries) product; 4 MiB in float32 (1 MiB was slower)
 
 
 def _dtype(name: str) -> torch.dtype:

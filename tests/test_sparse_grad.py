@@ -149,6 +149,17 @@ def test_conv_uneven_channels_and_shared_input(kw, counts, relu):
     _check(base, layer, x, producer=nn.ReLU() if relu else None, kind=kind)
 
 
+def test_conv_dense_grad_auto_picks_dense_only_for_a_dense_enough_ungrouped_mask():
+    gen = torch.Generator().manual_seed(0)
+    stem = nn.Conv2d(3, 8, 7, stride=2, padding=3)  # 147 weights per row
+    many = SparseDeltaConv2d(stem, _random_mask(8, 147, 3, gen), dense_grad=None)  # 2 % of the weight
+    few = SparseDeltaConv2d(stem, _random_mask(8, 147, 1, gen), dense_grad=None)  # 0.7 %
+    dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    depthwise = SparseDeltaConv2d(dw, _random_mask(8, 9, 1, gen), dense_grad=None)  # 11 %, but grouped
+    assert (many.dense_grad, few.dense_grad, depthwise.dense_grad) == (True, False, False)
+    _check(stem, many, torch.randn(2, 3, 12, 12, generator=gen))
+
+
 def test_gradcheck_linear_double():
     gen = torch.Generator().manual_seed(0)
     base = nn.Linear(5, 4).double()
