@@ -36,12 +36,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
+## The suite study (sweep -> scores -> federation -> figures; stages whose JSON exists are skipped).
 bench: $(STAMP)
-	$(BIN)/python -m simulations.bench_step --json results/bench_step.json
-	$(BIN)/python -m simulations.bench_federation --json results/bench_federation.json
+	PYTHON=$(BIN)/python bash simulations/run_suite.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache results runs .flwr
+	rm -rf $(VENV) .pytest_cache runs .flwr
 
 ## Remove generated data and pre-trained embedded weights ($$TASKEDGE_CACHE, default ~/.cache/taskedge-fl);
 ## the next run re-creates them (embedded pre-training takes a few minutes on CPU).

@@ -85,6 +85,9 @@ class RunRecorder:
         self.config, self.log = config, log
         self.rounds: list[dict] = []
         self.summary: dict = {}
+        # "running" while rounds are written, then "complete" or "stopped: <why>" (server/runner.py);
+        # simulations/run_flwr.sh sets "interrupted" when a signal stops the run
+        self.status = "running"
         self._t0 = self._last = time.time()
         self._cum_bytes = 0
         if self.dir is not None:
@@ -117,8 +120,8 @@ class RunRecorder:
         return rec
 
     def write(self) -> None:
-        doc = {"config": self.config, "rounds": [{k: _clean(v) for k, v in r.items()} for r in self.rounds],
-               "summary": self.summary}
+        doc = {"status": self.status, "config": self.config,
+               "rounds": [{k: _clean(v) for k, v in r.items()} for r in self.rounds], "summary": self.summary}
         tmp = self.dir / ".results.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2))
         os.replace(tmp, self.dir / "results.json")

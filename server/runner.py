@@ -205,6 +205,8 @@ def _finish(fed: Federation, recorder: RunRecorder, model, extra: dict | None = 
                      {"method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": summary.get("rounds", 0)})
         summary["run_dir"] = str(fed.run_dir)
         recorder.summary = summary
+        stopped = (extra or {}).get("stopped")
+        recorder.status = f"stopped: {stopped}" if stopped else "complete"
         recorder.write()
     return summary
 

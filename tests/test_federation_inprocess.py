@@ -79,6 +79,7 @@ def test_wire_format_and_results(weights, tmp_path):
               "config.json"):
         assert (run / f).is_file(), f
     doc = json.loads((run / "results.json").read_text())
+    assert doc["status"] == "complete"
     assert [r["round"] for r in doc["rounds"]] == [0, 1, 2]
     assert doc["summary"]["rounds"] == 2 and doc["rounds"][2]["bytes_up"] == sum(d["up"] for d in r2)
     assert doc["rounds"][0]["query_bytes_down"] == sum(d["down"] for d in grid.delivered if d["type"].startswith("query"))
