@@ -26,12 +26,20 @@ Cost model (what keeps this at the frozen-backbone floor):
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
 _CHUNK = 1 << 20  # elements per temporary (tokens x entries) product; 4 MiB in float32 (1 MiB was slower)
+_GATHER = "gather"  # how _cols gathers columns: "gather" (parallel over threads) or "index_select" (serial)
+
+
+def _cols(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """a.index_select(1, idx) (a new contiguous tensor). torch.gather with a broadcast (stride-0)
+    index runs on all intra-op threads; index_select along dim 1 is a serial loop on CPU."""
+    if _GATHER == "gather" and a.shape[0] > 1:
+        shape = (1, idx.numel()) + (1,) * (a.dim() - 2)
+        return torch.gather(a, 1, idx.view(shape).expand(a.shape[0], idx.numel(), *a.shape[2:]))
+    return a.index_select(1, idx)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -67,16 +75,6 @@ def _restore(undo) -> None:
     if undo is not None:
         flat, flat_idx, orig = undo
         flat.index_copy_(0, flat_idx, orig)
-
-
-@contextmanager
-def _effective_weight(weight: torch.Tensor, flat_idx: torch.Tensor, values: torch.Tensor):
-    """W_eff (see _patch) for the duration of the block; W0 is restored also on error."""
-    w_eff, undo = _patch(weight, flat_idx, values)
-    try:
-        yield w_eff
-    finally:
-        _restore(undo)
 
 
 def _keep(x: torch.Tensor, dim: int, idx: torch.Tensor, full: bool, save_dtype: str) -> torch.Tensor:
@@ -177,7 +175,7 @@ def _columns(kind: str, tensors, fn_name, ucols: torch.Tensor) -> torch.Tensor:
     if kind == "ln":
         h, mean, rstd, w, b = tensors
         c = h.shape[-1]
-        xu = h.reshape(-1, c).index_select(1, ucols).float()
+        xu = _cols(h.reshape(-1, c), ucols).float()
         xu = xu.sub_(mean.reshape(-1, 1)).mul_(rstd.reshape(-1, 1))
         if w is not None:
             xu.mul_(w.index_select(0, ucols))
@@ -185,7 +183,7 @@ def _columns(kind: str, tensors, fn_name, ucols: torch.Tensor) -> torch.Tensor:
             xu.add_(b.index_select(0, ucols))
         return xu
     (h,) = tensors
-    xu = h.reshape(-1, h.shape[-1]).index_select(1, ucols).float()
+    xu = _cols(h.reshape(-1, h.shape[-1]), ucols).float()
     if fn_name.startswith("gelu-"):
         return F.gelu(xu, approximate=fn_name[5:])
     return F.silu(xu)
@@ -201,15 +199,15 @@ def _rowwise_dot(a: torch.Tensor, a_idx: torch.Tensor, b: torch.Tensor, b_idx: t
     step = max(1, _CHUNK // e)
     out = None
     for s in range(0, t, step):
-        aa = a[s:s + step].index_select(1, a_idx)
-        part = aa.mul_(b[s:s + step].index_select(1, b_idx)).sum(0)  # in place: one temporary less
+        aa = _cols(a[s:s + step], a_idx)
+        part = aa.mul_(_cols(b[s:s + step], b_idx)).sum(0)  # in place: one temporary less
         out = part if out is None else out.add_(part)
     return out
 
 
 def _lead_dot(a: torch.Tensor, b: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
-    """out[j, r] = sum_t a[t, r] * b[t, b_idx[j * R + r]] for a (t x R) and K = len(b_idx) / R:
-    _rowwise_dot when entry (j, r) belongs to row r, without gathering a."""
+    """out[r * K + j] = sum_t a[t, r] * b[t, b_idx[r * K + j]] for a (t x R), K = len(b_idx) / R:
+    _rowwise_dot when entry (r, j) belongs to row r, without gathering a."""
     t, r = a.shape
     k = b_idx.numel() // max(1, r)
     if t == 0 or k == 0:
@@ -219,8 +217,8 @@ def _lead_dot(a: torch.Tensor, b: torch.Tensor, b_idx: torch.Tensor) -> torch.Te
     step = max(1, _CHUNK // (k * r))
     out = None
     for s in range(0, t, step):
-        bb = b[s:s + step].index_select(1, b_idx).view(-1, k, r)
-        part = bb.mul_(a[s:s + step].unsqueeze(1)).sum(0)
+        bb = _cols(b[s:s + step], b_idx).view(-1, r, k)
+        part = bb.mul_(a[s:s + step].unsqueeze(2)).sum(0)
         out = part if out is None else out.add_(part)
     return out.reshape(-1)
 
@@ -229,30 +227,31 @@ def linear_value_grad(dy: torch.Tensor, xs: torch.Tensor, colmap: torch.Tensor, 
                       rest: torch.Tensor, rest_rows: torch.Tensor) -> torch.Tensor:
     """g[e] = sum_t dy[t, row(e)] * xs[t, colmap[e]] (float32).
 
-    ``lead`` lists, for j < K, the j-th entry of every row (position j * out + r holds row r's), where
-    K is the fewest entries any row has (0 when some row has none): those read dy's columns in order,
-    so dy is not gathered for them; ``rest`` is every other entry, ``rest_rows`` their rows."""
-    e = lead.numel() + rest.numel()
+    ``lead`` (see lead_entries) holds the first K entries of every row, K = the fewest entries any
+    row has: those multiply dy's columns in place, without a gather; ``rest`` is every other entry,
+    ``rest_rows`` their rows (general gather). With no rest, lead is every entry in mask order."""
     if lead.numel() == 0:
         return _rowwise_dot(dy, rest_rows, xs, colmap)  # rest == all entries, in order
-    g = torch.empty(e, dtype=torch.float32, device=dy.device)
+    if rest.numel() == 0:
+        return _lead_dot(dy, xs, colmap)  # lead == all entries, in order
+    g = torch.empty(lead.numel() + rest.numel(), dtype=torch.float32, device=dy.device)
     g.index_copy_(0, lead, _lead_dot(dy, xs, colmap.index_select(0, lead)))
-    if rest.numel():
-        g.index_copy_(0, rest, _rowwise_dot(dy, rest_rows, xs, colmap.index_select(0, rest)))
+    g.index_copy_(0, rest, _rowwise_dot(dy, rest_rows, xs, colmap.index_select(0, rest)))
     return g
 
 
 def lead_entries(owner: torch.Tensor, n_owner: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lead, rest) positions for entries sorted by ``owner`` (row / output channel), see
-    linear_value_grad: lead[j * n_owner + o] = position of owner o's j-th entry for j < K, K = the
-    fewest entries any owner has."""
+    linear_value_grad: lead[o * K + j] = position of owner o's j-th entry for j < K, K = the fewest
+    entries any owner has (no lead when an owner has none); rest = the other positions, ascending.
+    Both ascending, so with exactly K entries per owner lead = arange(E) (mask order)."""
     counts = torch.bincount(owner, minlength=n_owner) if owner.numel() else torch.zeros(n_owner, dtype=torch.long)
     k = int(counts.min()) if n_owner else 0
     if k == 0:
         empty = torch.zeros(0, dtype=torch.long, device=owner.device)
         return empty, torch.arange(owner.numel(), device=owner.device)
     start = torch.cumsum(counts, 0) - counts  # first position of each owner (entries sorted by owner)
-    lead = (start.unsqueeze(0) + torch.arange(k, device=owner.device).unsqueeze(1)).reshape(-1)
+    lead = (start.unsqueeze(1) + torch.arange(k, device=owner.device).unsqueeze(0)).reshape(-1)
     is_lead = torch.zeros(owner.numel(), dtype=torch.bool, device=owner.device)
     is_lead[lead] = True
     return lead, (~is_lead).nonzero().reshape(-1)
@@ -297,7 +296,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
                 src = (src[0].reshape(-1, src[0].shape[-1]),)
         ctx.save_for_backward(values, flat_idx, *src)
         ctx.kind, ctx.detail, ctx.plan = kind, detail, plan
-        ctx.weight, ctx.in_shape = weight, shape  # frozen parameter: not saved (see _effective_weight)
+        ctx.weight, ctx.in_shape = weight, shape  # frozen parameter: not saved (see _patch)
         return y.reshape(*shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -340,17 +339,20 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
                 o_ident: bool = False, cache: dict | None = None, lead=None):
         pad, stride, dilation, groups, uch, inv_ch, ent_o, ent_uv = geom
         l, r, t, b = pad
-        with _effective_weight(weight, flat_idx, values) as w_eff:
+        w_eff, undo = _patch(weight, flat_idx, values)
+        try:
             if l == r and t == b:
                 y = F.conv2d(x, w_eff, bias, stride, (t, l), dilation, groups)
             else:
                 y = F.conv2d(F.pad(x, pad), w_eff, bias, stride, 0, dilation, groups)
+        finally:
+            _restore(undo)
         if dense:
             kind, src = "full", (_keep(x, 1, uch, True, save_dtype),)
         else:
             kind, src, _ = _input_source(x, uch.numel(), save_dtype, 1, uch, False)
         ctx.save_for_backward(src[0], values, flat_idx)
-        ctx.weight = weight  # frozen parameter: not saved (see _effective_weight)
+        ctx.weight = weight  # frozen parameter: not saved (see _patch)
         ctx.geom, ctx.dense, ctx.kind, ctx.full, ctx.xshape = geom, dense, kind, kind != "cols", x.shape
         ctx.o_ident, ctx.cache, ctx.lead = o_ident, cache, lead
         return y
@@ -374,28 +376,33 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
             else:  # only the shape matters (as in torch.nn.grad.conv2d_input)
                 xin = dy.new_empty(1).expand((n, c, h, w) if sym else (n, c, h + t + b, w + l + r))
             sel = (flat_idx, values) if need_x else (flat_idx[:0], values[:0])  # dense grad: shape only
-            with _effective_weight(weight, *sel) as w_eff:
+            w_eff, undo = _patch(weight, *sel)
+            try:
                 gx, gw, _ = torch.ops.aten.convolution_backward(
                     dy, xin, w_eff.to(dy.dtype), None, stride, (t, l) if sym else (0, 0), dilation, False, (0, 0),
                     groups, (need_x, dense_v, False))
+            finally:
+                _restore(undo)
             if need_x:
                 dx = gx if sym else gx[:, :, t: t + h, l: l + w]
             if dense_v:
                 dv = gw.reshape(-1).index_select(0, flat_idx).to(values.dtype)
         if need_v and not ctx.dense:
-            ch = inv_ch if not ctx.full else uch[inv_ch]
+            ch = inv_ch if not ctx.full else uch.index_select(0, inv_ch)
             dv = conv_value_grad(keep, dy, weight.shape, pad, stride, dilation, ch, ent_o, ent_uv,
                                  ctx.o_ident, ctx.cache, ctx.lead).to(values.dtype)
         return dx, dv, None, None, None, None, None, None, None, None, None
 
 
-def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order_key=None):
+def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order=None):
     """Flat index into one sample of the saved (unpadded) input for every (entry, output position),
-    and a validity mask (None when no position falls into the zero padding). Cached per shape
-    (and entry order: ``order_key`` is None for mask order)."""
-    key = (tuple(xshape[1:]), ho, wo, ch.device) + (() if order_key is None else (order_key,))
+    and a validity mask (None when no position falls into the zero padding), for the entries in
+    mask order or, given ``order``, in that order. Cached per input shape (and order or not)."""
+    key = (tuple(xshape[1:]), ho, wo, ch.device) + (() if order is None else ("ordered",))
     if cache is not None and key in cache:
         return cache[key]
+    if order is not None:
+        ch, ent_uv = ch.index_select(0, order), ent_uv.index_select(0, order)
     _, _, h, w = xshape
     kw = wshape[3]
     l, _, t, _ = pad
@@ -422,7 +429,7 @@ def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_
     offsets are handled by one flat gather (no per-offset loop, no padded copy: positions in
     the zero padding are masked out after the batch sum); a 1x1 / stride-1 / unpadded conv is
     the Linear case on channel rows and gathers whole rows. ``lead`` = (lead, rest) positions
-    (``lead_entries`` over output channels): the j-th entry of every output channel, j < K, uses
+    (``lead_entries`` over output channels): the first K entries of every output channel multiply
     the output gradient as it is, without a gather; only the rest gather dY's channels. o_ident
     (entry e belongs to output channel e) is the case lead = all entries, K = 1.
     """
@@ -434,32 +441,30 @@ def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_
         every = torch.arange(e, device=ent_o.device)
         lead = (every, every[:0]) if o_ident else (every[:0], every)
     lead, rest = lead
-    kl = lead.numel()
+    kl, kr = lead.numel(), rest.numel()
     k = kl // o_c
-    # entries in (lead, rest) order; that is mask order when there is no lead (rest = all) or one
-    # entry per channel (lead = all, in channel order)
-    order = None if kl == 0 or (kl == e and k == 1) else torch.cat([lead, rest])
-    if order is not None:  # entries in (lead, rest) order; the cache key tells the orders apart
-        ch, ent_uv = ch.index_select(0, order), ent_uv.index_select(0, order)
-    o_rest = ent_o.index_select(0, rest) if rest.numel() else None
+    # with both lead and rest the entries are gathered in (lead, rest) order; otherwise lead or rest
+    # is every entry, in mask order
+    order = torch.cat([lead, rest]) if kl and kr else None
+    o_rest = ent_o.index_select(0, rest) if kr else None
     p = ho * wo
-    dyf = dy.reshape(n_b, o_c, p).float()
+    dyf = dy.reshape(n_b, o_c, p)
+    dyf = dyf.float() if dyf.dtype != torch.float32 else dyf
     pointwise = wshape[2] == wshape[3] == 1 and tuple(stride) == (1, 1) and not any(pad)
     xs = xs.float() if xs.dtype != torch.float32 else xs  # cast once (bf16 gathers are slow)
     if pointwise:
-        xf, idx, valid = xs.reshape(n_b, xs.shape[1], p), ch, None
+        xf, idx, valid = xs.reshape(n_b, xs.shape[1], p), ch if order is None else ch.index_select(0, order), None
     else:
-        idx, valid = _conv_gather_index(xs.shape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache,
-                                        None if order is None else kl)
+        idx, valid = _conv_gather_index(xs.shape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order)
         xf = xs.reshape(n_b, -1)
     n_per = max(1, _CHUNK // (e * p))
     acc = None
     for s in range(0, n_b, n_per):
-        bb = xf[s:s + n_per].index_select(1, idx).reshape(-1, e, p)  # (n, E, P)
+        bb = _cols(xf[s:s + n_per], idx).view(-1, e, p)  # (n, E, P)
         if kl:
-            bb[:, :kl].view(-1, k, o_c, p).mul_(dyf[s:s + n_per].unsqueeze(1))
-        if o_rest is not None:
-            bb[:, kl:].mul_(dyf[s:s + n_per].index_select(1, o_rest))
+            bb[:, :kl].view(-1, o_c, k, p).mul_(dyf[s:s + n_per].unsqueeze(2))
+        if kr:
+            bb[:, kl:].mul_(_cols(dyf[s:s + n_per], o_rest))
         part = bb.sum(0)  # (E, P)
         acc = part if acc is None else acc.add_(part)
     if valid is not None:
@@ -467,4 +472,6 @@ def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_
     g = acc.sum(1)
     if order is None:
         return g
-    return torch.empty_like(g).index_copy_(0, order, g)
+    out = torch.empty_like(g)
+    out.index_copy_(0, lead, g[:kl])
+    return out.index_copy_(0, rest, g[kl:])
