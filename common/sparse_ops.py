@@ -77,10 +77,9 @@ def _restore(undo) -> None:
         flat.index_copy_(0, flat_idx, orig)
 
 
-def _keep(x: torch.Tensor, dim: int, idx: torch.Tensor, full: bool, save_dtype: str) -> torch.Tensor:
-    """The slices of x the value gradient reads, in the save dtype (x itself when all are read)."""
-    kept = x if full else x.index_select(dim, idx)
-    return kept.to(_dtype(save_dtype))
+def _in_save_dtype(x: torch.Tensor, save_dtype: str) -> torch.Tensor:
+    """x as saved for the value gradient: itself, or a copy in the reduced save dtype."""
+    return x.to(_dtype(save_dtype))
 
 
 # --- getting the input back in backward without a copy ------------------------------------------
@@ -257,21 +256,21 @@ def lead_entries(owner: torch.Tensor, n_owner: int) -> tuple[torch.Tensor, torch
     return lead, (~is_lead).nonzero().reshape(-1)
 
 
-def _input_source(x: torch.Tensor, n_kept: int, save_dtype: str, dim: int, idx: torch.Tensor,
-                  recompute: bool):
-    """(kind, tensors to save, detail) for the value gradient's input (see the notes above):
+def _input_source(x: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, save_dtype: str, recompute: bool):
+    """(kind, tensors to save, detail) for the value gradient's input x (see the notes above):
     "alias" x itself (its storage is kept alive by the graph anyway), "ln"/"unary" recomputed
-    columns, "full" x itself (or its save-dtype copy) when the mask reads every column/channel,
-    "cols" a copy of the kept columns/channels (index ``idx`` along ``dim``)."""
+    columns, "full" x2 (x as (rows, columns) / (N, C, H, W)) or its save-dtype copy when the mask
+    reads every column/channel, "cols" a copy of x2's kept columns/channels ``idx`` (dim 1)."""
     if _graph_keeps(x):
         return "alias", (x,), None
     if recompute:
         rc = _recompute_source(x)
         if rc is not None:
-            return rc[0], rc[1], rc[2]
-    if n_kept == x.shape[dim]:
-        return "full", (_keep(x, dim, idx, True, save_dtype),), None
-    return "cols", (_keep(x, dim, idx, False, save_dtype),), None
+            return rc
+    if idx.numel() == x2.shape[1]:
+        return "full", (_in_save_dtype(x2, save_dtype),), None
+    kept = _cols(x2, idx) if x2.dim() == 2 else x2.index_select(1, idx)  # conv: whole H x W planes
+    return "cols", (_in_save_dtype(kept, save_dtype),), None
 
 
 class SparseDeltaLinearFn(torch.autograd.Function):
@@ -291,9 +290,7 @@ class SparseDeltaLinearFn(torch.autograd.Function):
             _restore(undo)
         kind, src, detail = "none", (), None
         if ctx.needs_input_grad[1]:
-            kind, src, detail = _input_source(x, plan[0].numel(), save_dtype, x.dim() - 1, plan[0], True)
-            if kind == "cols":
-                src = (src[0].reshape(-1, src[0].shape[-1]),)
+            kind, src, detail = _input_source(x, x2, plan[0], save_dtype, True)
         ctx.save_for_backward(values, flat_idx, *src)
         ctx.kind, ctx.detail, ctx.plan = kind, detail, plan
         ctx.weight, ctx.in_shape = weight, shape  # frozen parameter: not saved (see _patch)
@@ -348,9 +345,9 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
         finally:
             _restore(undo)
         if dense:
-            kind, src = "full", (_keep(x, 1, uch, True, save_dtype),)
+            kind, src = "full", (_in_save_dtype(x, save_dtype),)
         else:
-            kind, src, _ = _input_source(x, uch.numel(), save_dtype, 1, uch, False)
+            kind, src, _ = _input_source(x, x, uch, save_dtype, False)
         ctx.save_for_backward(src[0], values, flat_idx)
         ctx.weight = weight  # frozen parameter: not saved (see _patch)
         ctx.geom, ctx.dense, ctx.kind, ctx.full, ctx.xshape = geom, dense, kind, kind != "cols", x.shape

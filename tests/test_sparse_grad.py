@@ -179,3 +179,14 @@ def test_bfloat16_saved_columns_close():
     ref = SparseDeltaLinear(base, idx)
     ref(x).sum().backward()
     assert torch.allclose(layer.values.grad, ref.values.grad, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("how", ["gather", "index_select"])
+def test_both_column_gathers_give_the_same_gradients(monkeypatch, how):
+    from common import sparse_ops
+    monkeypatch.setattr(sparse_ops, "_GATHER", how)
+    gen = torch.Generator().manual_seed(0)
+    lin = nn.Linear(12, 7)
+    _check(lin, SparseDeltaLinear(lin, _uneven_mask(7, 12, [1, 2, 1, 3, 1, 1, 4], gen)), torch.randn(3, 5, 12, generator=gen))
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    _check(conv, SparseDeltaConv2d(conv, _uneven_mask(6, 36, [1, 2, 1, 3, 1, 1], gen)), torch.randn(2, 4, 9, 8, generator=gen))
