@@ -391,31 +391,52 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
         return dx, dv, None, None, None, None, None, None, None, None, None
 
 
+_INDEX_CACHE_MAX = 1 << 12  # (entries x output positions) up to which the flat gather index is cached whole
+
+
 def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order=None):
     """Flat index into one sample of the saved (unpadded) input for every (entry, output position),
-    and a validity mask (None when no position falls into the zero padding), for the entries in
-    mask order or, given ``order``, in that order. Cached per input shape (and order or not)."""
+    and the validity of each (None when no position falls into the zero padding; a bool (E, P)
+    mask, or a pair of float (E, ho, 1) / (E, 1, wo) factors to multiply by), for the entries in
+    mask order or, given ``order``, in that order. Cached per input shape (and order or not):
+    whole up to _INDEX_CACHE_MAX elements; above, as its row and column parts (index = row part
+    + column part, validity = row factor * column factor), O(E (ho + wo)) instead of O(E ho wo)
+    kept on the layer, the (E, P) index rebuilt by one broadcast add per call."""
     key = (tuple(xshape[1:]), ho, wo, ch.device) + (() if order is None else ("ordered",))
-    if cache is not None and key in cache:
-        return cache[key]
+    hit = cache.get(key) if cache is not None else None
+    if hit is None:
+        hit = _conv_index_parts(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, order)
+        if cache is not None:
+            cache[key] = hit
+    if len(hit) == 2:
+        return hit
+    rows, cols, vh, vw = hit
+    idx = (rows + cols).reshape(-1)
+    return idx, None if vh is None else (vh, vw)
+
+
+def _conv_index_parts(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, order):
+    """What _conv_gather_index caches: (idx, valid) whole, or (rows, cols, vh, vw) in parts."""
     if order is not None:
         ch, ent_uv = ch.index_select(0, order), ent_uv.index_select(0, order)
     _, _, h, w = xshape
     kw = wshape[3]
     l, _, t, _ = pad
     (sh, sw), (dh, dw) = stride, dilation
-    dev = ch.device
+    dev, e = ch.device, ch.numel()
     u, v = ent_uv // kw, ent_uv % kw
     hi = (torch.arange(ho, device=dev) * sh).reshape(1, -1) + (u * dh - t).reshape(-1, 1)  # (E, ho)
     wi = (torch.arange(wo, device=dev) * sw).reshape(1, -1) + (v * dw - l).reshape(-1, 1)  # (E, wo)
     vh, vw = (hi >= 0) & (hi < h), (wi >= 0) & (wi < w)
-    idx = (ch.reshape(-1, 1, 1) * (h * w) + hi.clamp(0, h - 1).unsqueeze(2) * w
-           + wi.clamp(0, w - 1).unsqueeze(1)).reshape(ch.numel(), ho * wo)
-    valid = (vh.unsqueeze(2) & vw.unsqueeze(1)).reshape(ch.numel(), ho * wo)
-    out = (idx.reshape(-1), None if bool(valid.all()) else valid)
-    if cache is not None:
-        cache[key] = out
-    return out
+    rows = (ch.reshape(-1, 1) * (h * w) + hi.clamp(0, h - 1) * w).unsqueeze(2)  # (E, ho, 1)
+    cols = wi.clamp(0, w - 1).unsqueeze(1)  # (E, 1, wo)
+    all_valid = bool(vh.all()) and bool(vw.all())
+    if e * ho * wo <= _INDEX_CACHE_MAX:
+        valid = (vh.unsqueeze(2) & vw.unsqueeze(1)).reshape(e, ho * wo)
+        return (rows + cols).reshape(-1), None if all_valid else valid
+    if all_valid:
+        return rows, cols, None, None
+    return rows, cols, vh.unsqueeze(2).float(), vw.unsqueeze(1).float()
 
 
 def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_ident=False, cache=None,
@@ -464,7 +485,9 @@ def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_
             bb[:, kl:].mul_(_cols(dyf[s:s + n_per], o_rest))
         part = bb.sum(0)  # (E, P)
         acc = part if acc is None else acc.add_(part)
-    if valid is not None:
+    if isinstance(valid, tuple):  # row and column factors (see _conv_gather_index)
+        acc.view(e, ho, wo).mul_(valid[0]).mul_(valid[1])
+    elif valid is not None:
         acc.mul_(valid)
     g = acc.sum(1)
     if order is None:

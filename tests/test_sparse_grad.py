@@ -181,6 +181,26 @@ def test_bfloat16_saved_columns_close():
     assert torch.allclose(layer.values.grad, ref.values.grad, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(2, 1), padding=2, dilation=2),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding="same"),
+    dict(in_channels=4, out_channels=6, kernel_size=3),  # no padding: every position valid
+])
+def test_conv_gather_index_kept_in_parts(monkeypatch, kw):
+    """Above _INDEX_CACHE_MAX the layer keeps the gather index as row + column parts (and the
+    validity as row x column factors): same gradients, O(E (ho + wo)) memory instead of O(E ho wo)."""
+    from common import sparse_ops
+    monkeypatch.setattr(sparse_ops, "_INDEX_CACHE_MAX", 0)
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Conv2d(**kw)
+    width = base.weight[0].numel()
+    layer = SparseDeltaConv2d(base, _uneven_mask(6, width, [1, 2, 1, 3, 1, 1], gen))
+    _check(base, layer, torch.randn(2, 4, 9, 8, generator=gen))
+    (parts,) = layer.index_cache.values()
+    assert len(parts) == 4 and parts[0].shape[2] == 1 and parts[1].shape[1] == 1
+
+
 @pytest.mark.parametrize("how", ["gather", "index_select"])
 def test_both_column_gathers_give_the_same_gradients(monkeypatch, how):
     from common import sparse_ops
