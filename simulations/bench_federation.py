@@ -50,7 +50,14 @@ def methods_table(selection: dict) -> dict[str, dict]:
         f"fedlora-r{MATCHED_RANK}": {"method": "fedlora", "lora-rank": MATCHED_RANK},
         "fedavg-full": {"method": "fedavg-full"},
         "head-only": {"method": "head-only"},
+        # opt-in (name them in --methods): issue 13's variants at about TaskEdge's trainable count
+        "taskedge-lora": {"method": "taskedge-lora", "budget": 0.08, "lora-rank": 2},
+        "taskedge-nm24": {"method": "taskedge", "score": "taskedge", "allocation": "neuron", "nm": "2:4"},
+        "taskedge-lora-nm24": {"method": "taskedge-lora", "budget": 0.08, "lora-rank": 2, "nm": "2:4"},
     }
+
+
+OPT_IN = ("taskedge-lora", "taskedge-nm24", "taskedge-lora-nm24")  # not in the default method list
 
 
 PARTITIONS = {"dirichlet": {"partitioner": "dirichlet", "alpha": 0.5}, "iid": {"partitioner": "iid"}}
@@ -266,7 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--nodes", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--methods", default="", help="comma list of bench keys (default: all)")
+    ap.add_argument("--methods", default="", help="comma list of bench keys (default: all but the opt-in "
+                                                   "taskedge-lora, taskedge-nm24, taskedge-lora-nm24)")
     ap.add_argument("--workers", type=int, default=1, help="parallel runs (one torch thread each)")
     ap.add_argument("--server-test-size", type=int, default=1000)
     ap.add_argument("--run-config", default="", help='extra run-config overrides, e.g. "alpha=0.3"')
@@ -292,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
     partitions = [p for p in args.partitions.split(",") if p]
     selection = tuned.selection()
     table = methods_table(selection)
-    keys = [k for k in args.methods.split(",") if k] or list(table)
+    keys = [k for k in args.methods.split(",") if k] or [k for k in table if k not in OPT_IN]
     unknown = sorted(set(keys) - set(table))
     if unknown:
         ap.error(f"unknown methods {unknown}; known: {', '.join(table)}")

@@ -262,10 +262,11 @@ def test_bench_federation_quick_writes_the_schema(tmp_path):
     from simulations.bench_federation import main
 
     out = tmp_path / "b.json"
-    res = main(["--quick", "--methods", "taskedge-paper,head-only", "--nodes", "2", "--server-test-size", "100",
-                "--skip-micro", "--json", str(out)])
+    res = main(["--quick", "--methods", "taskedge-paper,head-only,taskedge-lora", "--nodes", "2",
+                "--server-test-size", "100", "--skip-micro", "--json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["default_method"] == "taskedge-best" and res["setup"]["rounds"] == 2
+    assert doc["tasks"][D.DEFAULT_TASK]["taskedge-lora"]["trainable"] > 0  # an opt-in method, run when named
     for key in ("taskedge-paper", "head-only"):
         cell = doc["tasks"][D.DEFAULT_TASK][key]
         for field in ("acc_mean", "acc_sd", "acc_per_seed", "rounds", "trainable", "upload_bytes_per_client_round"):
