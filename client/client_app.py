@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.clientapp import ClientApp
 
 from common.allocation import Mask
-from common.local import local_eval, local_stats, local_train, local_vote
+from common.local import local_eval, local_gradients, local_stats, local_train, local_vote
 from common.methods import MASK_METHODS, base_model, get_arrays, method_model, node_mask, set_arrays
 from common.partition import node_data
 from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
@@ -61,7 +61,8 @@ def _model(msg: Message, context: Context, cfg: AppConfig):
 
 
 def stats(msg: Message, context: Context) -> Message:
-    """Sum-of-squares statistics of the local calibration data (plus local top-k when voting)."""
+    """Sum-of-squares statistics of the local calibration data (plus local top-k when voting, and the
+    signed calibration-gradient sums for score='gradient')."""
     cfg = _config(msg, context)
     tcfg, data = cfg.taskedge_config(), node_data(cfg, context.node_config)
     from common.data import get_task
@@ -72,6 +73,8 @@ def stats(msg: Message, context: Context) -> Message:
                                                                       "calib-examples": len(data.x_calib)})})
     if cfg.reconcile == "vote":
         content["votes"] = _record(local_vote(model, tcfg, st))
+    if tcfg.score == "gradient":
+        content["grads"] = _record(local_gradients(model, tcfg, data.x_calib, data.y_calib, cfg.batch_size))
     return Message(content, reply_to=msg)
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-FEDERATED_SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
-SCORES = FEDERATED_SCORES + ("gradient",)  # "gradient": centralised reference (common.gradient_score)
+# scores every mode supports (secure aggregation, DP, N:M pruning): the candidates for the default
+UNIVERSAL_SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
+# "gradient" (common.gradient_score): a dense, labelled calibration-gradient upload per node; opt-in
+SCORES = UNIVERSAL_SCORES + ("gradient",)
 ALLOCATIONS = ("neuron", "neuron-cap", "global")
 STAT_SCORES = ("taskedge", "taskedge-sqrt", "activation")  # scores that need activation statistics
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
@@ -64,6 +66,9 @@ class TaskEdgeConfig:
         _choice("conv_grad", self.conv_grad, CONV_GRADS)
         if isinstance(self.col_cap, bool) or not isinstance(self.col_cap, (int, float)) or not self.col_cap >= 1:
             raise ValueError(f"col_cap must be a number >= 1, got {self.col_cap!r}")
+        if self.nm is not None and self.score == "gradient":
+            raise ValueError("nm: N:M pruning needs a weight-based score (the base weights are pruned by it); "
+                             "score='gradient' is not supported with nm")
         if self.nm is not None:
             n, m = tuple(self.nm)
             if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):

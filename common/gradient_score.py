@@ -12,8 +12,11 @@ says more about that head than about the task. The head is therefore first fitte
 probe on the calibration features (`probe_steps` Adam steps on cached features; cheap), and the
 gradients are taken through the fitted head. GPS avoids the same problem with a contrastive loss.
 
-Centralised only: it needs labelled calibration data and a dense, weight-sized gradient per
-module, which a federation would have to upload (the run config refuses it; see common.settings).
+In a federation every node sends its signed sums (`signed=True`, each through its own probe of
+its own calibration data) in the statistics round and the server takes |Σ_nodes| — exact for
+the pooled calibration loss up to the nodes' different probes. It costs one dense, weight-sized
+upload per node once (float64), which is why it is opt-in there, and secure aggregation / DP do
+not cover it yet (common.settings refuses those combinations).
 Hand-written because no library exposes GPS's selection; the code is one probe fit and one
 accumulation loop.
 """
@@ -44,8 +47,10 @@ def _fit_probe(model: nn.Module, head: nn.Module, xs: list[torch.Tensor], ys: li
 
 
 def calibration_gradients(model: nn.Module, modules: dict[str, nn.Module], head_name: str | None,
-                          batches: Iterable, probe_steps: int = 100, probe_lr: float = 1e-2) -> dict[str, torch.Tensor]:
-    """|Σ_batches dL/dW| for every module in `modules` (names as in `model`), as (rows, width) float32.
+                          batches: Iterable, probe_steps: int = 100, probe_lr: float = 1e-2,
+                          signed: bool = False) -> dict[str, torch.Tensor]:
+    """|Σ_batches dL/dW| for every module in `modules` (names as in `model`), as (rows, width) float32;
+    with `signed` the sums themselves (float64), for a server to add up over nodes.
 
     `batches` yields (x, y) pairs. The model itself is not modified (a copy is probed and differentiated).
     """
@@ -65,5 +70,8 @@ def calibration_gradients(model: nn.Module, modules: dict[str, nn.Module], head_
         mod.weight.requires_grad_(True)
     for x, y in pairs:
         F.cross_entropy(work(x), y, reduction="sum").backward()  # .grad accumulates over the batches
+    if signed:
+        return {name: mod.weight.grad.detach().reshape(mod.weight.shape[0], -1).double() for name, mod in targets.items()}
     return {name: mod.weight.grad.detach().abs().reshape(mod.weight.shape[0], -1).float()
             for name, mod in targets.items()}
+

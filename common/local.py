@@ -22,6 +22,18 @@ def local_stats(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, b
     return stats_to_arrays(collect_stats(model, target_modules(model, tcfg), batches))
 
 
+def local_gradients(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, y_calib: torch.Tensor,
+                    batch_size: int) -> dict[str, np.ndarray]:
+    """score='gradient': signed Σ dL/dW over the local calibration data through a locally probed head,
+    '<module>.g' (rows, width) float64 (common.gradient_score)."""
+    from common.gradient_score import calibration_gradients
+    from common.tuner import find_head
+
+    batches = [(x_calib[i:i + batch_size], y_calib[i:i + batch_size]) for i in range(0, len(x_calib), batch_size)]
+    grads = calibration_gradients(model, target_modules(model, tcfg), find_head(model, tcfg.head), batches, signed=True)
+    return {f"{n}.g": g.numpy() for n, g in grads.items()}
+
+
 def local_vote(model: nn.Module, tcfg: TaskEdgeConfig, stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """This node's own top-k mask ('<module>.idx'), for `vote` reconciliation."""
     mask = build_mask(model, tcfg, arrays_to_norms(stats))

@@ -29,6 +29,10 @@ class LocalData:
     def x_calib(self) -> torch.Tensor:
         return self.x_train[: self.calib_size]
 
+    @property
+    def y_calib(self) -> torch.Tensor:
+        return self.y_train[: self.calib_size]
+
 
 def _split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, ...]:
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common import tuned as _tuned
-from common.config import ALLOCATIONS, FEDERATED_SCORES, TaskEdgeConfig
+from common.config import ALLOCATIONS, SCORES, TaskEdgeConfig
 
 METHODS = ("taskedge", "fedavg-full", "fedlora", "taskedge-lora", "head-only")
 PARTITIONERS = ("iid", "dirichlet")
@@ -205,10 +205,7 @@ def _typed(key: str, value: Any) -> Any:
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    if cfg["score"] == "gradient":
-        raise _bad("score", "is a centralised reference only (it needs labelled calibration gradients, a dense "
-                   "weight-sized upload per node); use it with simulations.finetune", cfg["score"])
-    choices = {"method": METHODS, "partitioner": PARTITIONERS, "reconcile": RECONCILE, "score": FEDERATED_SCORES,
+    choices = {"method": METHODS, "partitioner": PARTITIONERS, "reconcile": RECONCILE, "score": SCORES,
                "allocation": ALLOCATIONS, "server-opt": SERVER_OPTS, "aggregation": AGGREGATIONS,
                "stats-aggregation": STATS_AGGREGATIONS}
     for key, allowed in choices.items():
@@ -301,6 +298,18 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
         raise _bad("reconcile", "secure aggregation and DP protect the pooled statistics (reconcile='stats', "
                    "stats-aggregation='sum'); local top-k votes and per-column medians need each node's statistics",
                    f"{cfg['reconcile']}/{cfg['stats-aggregation']}")
+    if cfg["score"] == "gradient" and cfg["method"] in ("taskedge", "taskedge-lora"):
+        # each node uploads dense, signed gradient sums once (common.gradient_score): summed, not voted, and
+        # outside what the SecAgg+ / DP statistics release covers today
+        if cfg["reconcile"] != "stats":
+            raise _bad("score", "'gradient' needs reconcile='stats' (the server adds up the nodes' gradient sums)",
+                       cfg["score"])
+        if private:
+            raise _bad("score", "'gradient' sends dense gradient sums that secure aggregation / DP do not cover yet; "
+                       "use score='taskedge' with secure-aggregation or dp", cfg["score"])
+        if cfg["nm"]:
+            raise _bad("score", "'gradient' with nm: N:M pruning needs a weight-based score; use score='taskedge'",
+                       cfg["score"])
     if cfg["dp"] == "none" and cfg["max-epsilon"] > 0:
         raise _bad("max-epsilon", "needs dp=server or dp=client", cfg["max-epsilon"])
     if cfg["dp-clipping"] == "adaptive" and cfg["dp"] != "none":

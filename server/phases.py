@@ -1,7 +1,8 @@
 """The query phases of a TaskEdge run, outside `Strategy.start`: statistics and mask delivery.
 
 * Statistics (`query.stats`): every connected node returns the sums of squares of its calibration
-  activations (and its local top-k for `vote`); the server reconciles them into one global mask
+  activations (and its local top-k for `vote`; its signed calibration-gradient sums for
+  score='gradient'); the server reconciles them into one global mask
   (server/reconcile.py). Runs before training and again every `reconcile-every` rounds.
 * Mask delivery (`query.mask`): the mask's indices and ranks go down once per mask version; the
   node keeps them in its state and answers with its budget rank, from which the server derives
@@ -66,6 +67,8 @@ def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog
     targets = target_modules(base, tcfg)
     shapes, rows = _stats_limits(base, cfg, targets)
     vote_sizes = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
+    grad_shapes = ({n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
+                   if tcfg.score == "gradient" else None)
     replies = _send(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "stats")
     stats, votes = [], []
     for nid in nodes:
@@ -73,7 +76,7 @@ def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog
             if nid not in replies:
                 raise validate.BadReply("no reply before the timeout")
             st, vt, _ = validate.stats_reply(replies[nid], shapes, rows, cfg.calib_size, max_examples(cfg),
-                                             vote_sizes)
+                                             vote_sizes, grad_shapes)
         except Exception as exc:  # noqa: BLE001 - one reply, whatever is wrong with it, never stops the phase
             log.drop(nid, f"statistics: {exc}" if isinstance(exc, validate.BadReply)
                      else f"statistics: unreadable reply ({type(exc).__name__}: {exc})")

@@ -27,10 +27,16 @@ from common.tuner import backbone_parameters, build_mask, find_head, score_modul
 
 def stats_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]],
                pooling: str = "sum") -> Mask:
-    """Global mask from the clients' statistics: exact with `sum`; `median` bounds each client's pull."""
+    """Global mask from the clients' statistics: exact with `sum`; `median` bounds each client's pull.
+
+    score='gradient': the '<module>.g' signed gradient sums are added up over clients (also under
+    `median`, which bounds the activation statistics only) and the score is |Σ|."""
     pool = {"sum": sum_stats, "median": median_stats}[pooling]
-    norms = arrays_to_norms(pool(stats)) if stats else None
-    return build_mask(model, tcfg, norms)
+    pooled = pool(stats) if stats else None
+    norms = arrays_to_norms(pooled) if pooled else None
+    grads = ({k[:-2]: torch.from_numpy(np.abs(v)).float() for k, v in pooled.items() if k.endswith(".g")}
+             if pooled else None)
+    return build_mask(model, tcfg, norms, grads or None)
 
 
 def vote_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]],

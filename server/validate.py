@@ -151,14 +151,18 @@ def mask_reply(msg: Message, version: int) -> int:
 
 
 def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_example: Mapping[str, int], calib_size: int,
-                max_examples: int, vote_sizes: Mapping[str, int] | None = None
+                max_examples: int, vote_sizes: Mapping[str, int] | None = None,
+                grad_shapes: Mapping[str, tuple[int, int]] | None = None
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray] | None, dict]:
     """(stats arrays, vote arrays or None, info) of a statistics reply, or BadReply.
 
     shapes: module -> statistic shape; rows_per_example: module -> rows one calibration example
     adds to that module's count, so a row count must be a multiple of it and at most
-    `calib_size` examples' worth (the sum over clients then cannot overflow)."""
-    check_error(msg, ("info", "stats", "votes") if vote_sizes is not None else ("info", "stats"))
+    `calib_size` examples' worth (the sum over clients then cannot overflow). grad_shapes
+    (score='gradient'): module -> (rows, width) of the signed gradient sums, returned in the stats
+    as '<module>.g' (finite, |value| <= MAX_ABS)."""
+    expected = ("info", "stats") + (("votes",) if vote_sizes is not None else ()) + (("grads",) if grad_shapes else ())
+    check_error(msg, expected)
     info = _record(msg, "info", MetricRecord)
     n_train = count(info, "num-examples", max_examples)
     rec = _record(msg, "stats", ArrayRecord)
@@ -184,4 +188,12 @@ def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_ex
             if arr.size and (arr.min() < 0 or arr.max() >= size or np.unique(arr).size != arr.size):
                 raise BadReply(f"'{key}' must be unique integer indices in [0, {size})")
             votes[key] = arr
+    if grad_shapes:
+        grec = _record(msg, "grads", ArrayRecord)
+        _keys(grec, [f"{m}.g" for m in grad_shapes])
+        for name, shape in grad_shapes.items():
+            g = decode_array(grec, f"{name}.g", shape, "float64")
+            if g.size and np.abs(g).max() > MAX_ABS:
+                raise BadReply(f"'{name}.g' has |value| {np.abs(g).max():.3g} > {MAX_ABS:g}")
+            stats[f"{name}.g"] = g
     return stats, votes, {"num-examples": n_train}

@@ -43,6 +43,7 @@ def methods_table(selection: dict) -> dict[str, dict]:
     return {
         "taskedge-paper": {"method": "taskedge", "score": "taskedge", "allocation": "neuron"},
         "taskedge-best": {"method": "taskedge", "score": selection["score"], "allocation": selection["allocation"]},
+        "taskedge-gradient": {"method": "taskedge", "score": "gradient", "allocation": "neuron"},  # opt-in score
         "random": {"method": "taskedge", "score": "random", "allocation": "neuron"},
         "magnitude": {"method": "taskedge", "score": "magnitude", "allocation": "neuron"},
         "global-topk": {"method": "taskedge", "score": "taskedge", "allocation": "global"},

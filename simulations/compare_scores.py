@@ -34,7 +34,7 @@ VARIANTS = (
     ("activation ||X||", "activation", "neuron"),
     ("random", "random", "neuron"),
     ("random + column cap", "random", "neuron-cap"),
-    ("gradient (central reference)", "gradient", "neuron"),  # GPS-style; not a federation score, never the default
+    ("gradient (central reference)", "gradient", "neuron"),  # GPS-style; opt-in (not a default candidate)
 )
 BUDGETS = (0.005, 0.01, 0.02, 0.04, 0.08)
 RANKS = (1, 2, 4, 8, 16)
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", help="comma list of stage-1 labels to (re)run and merge into --json")
     args = ap.parse_args(argv)
     from common import tuned
-    from common.config import FEDERATED_SCORES
+    from common.config import UNIVERSAL_SCORES
     from common.data import SUITE
     from common.settings import DEFAULTS
 
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         return _merge_only(args, tasks, seeds, budget, t0)
     res1 = run_many(stage1(tasks, seeds, args.epochs, budget), args.workers)
     table = summarize(res1, tasks)
-    # the default must run in the federation: central-only references (score "gradient") are not candidates
-    cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and d["score"] in FEDERATED_SCORES}
+    # the default must work in every mode: "gradient" (no SecAgg+/DP/N:M, a dense upload per node) is not a candidate
+    cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and d["score"] in UNIVERSAL_SCORES}
     winner = max(cands, key=lambda tag: cands[tag]["suite_val_mean"])
     sel = {"score": cands[winner]["score"], "allocation": cands[winner]["allocation"], "budget": budget,
            "chosen_by": "best suite-mean validation accuracy in simulations/compare_scores.py", "label": winner}

@@ -21,6 +21,7 @@ import numpy as np
 LABELS = {
     "taskedge-paper": "TaskEdge, paper score |W|·‖X‖",
     "taskedge-best": "TaskEdge, default selection",
+    "taskedge-gradient": "TaskEdge mask, gradient score (opt-in)",
     "random": "random mask",
     "magnitude": "|W|-only mask",
     "global-topk": "global top-k (paper score)",
@@ -30,7 +31,8 @@ LABELS = {
     "head-only": "head only",
 }
 STYLE = {
-    "taskedge-paper": ("tab:blue", "-"), "taskedge-best": ("tab:cyan", "--"), "random": ("tab:gray", "-"),
+    "taskedge-paper": ("tab:blue", "-"), "taskedge-best": ("tab:cyan", "--"), "taskedge-gradient": ("tab:green", "-"),
+    "random": ("tab:gray", "-"),
     "magnitude": ("tab:olive", "-"), "global-topk": ("tab:purple", ":"), "fedlora": ("tab:orange", "-"),
     "fedlora-r1": ("tab:orange", "--"), "fedavg-full": ("tab:red", "-"), "head-only": ("black", ":"),
 }

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.client_app import app as client_app
 from common.config import TaskEdgeConfig
@@ -222,3 +222,68 @@ def test_vote_mode_and_resume(weights, tmp_path):
     for n in first.mask.names():
         assert torch.equal(first.mask.indices[n], second.mask.indices[n])
     assert second.history[0]["central_acc"] == first.history[-1]["central_acc"]
+
+
+def test_gradient_score_mask_is_the_allocation_of_the_summed_node_gradients(weights, tmp_path):
+    """score='gradient' in the federation: each node's signed calibration-gradient sums (own probe) are
+    validated, added up by the server, and the mask is the neuron-level top-k of |sum|; a node whose
+    gradients are malformed is dropped with a reason."""
+    from common.allocation import allocate, budget_entries
+    from common.gradient_score import calibration_gradients
+    from common.tuner import backbone_parameters, find_head
+
+    cfg = _cfg(weights, tmp_path, score="gradient")
+    grid = InProcessGrid(client_app, 3, cfg.to_dict())
+    mask = statistics_phase(grid, cfg, sorted(grid.get_node_ids()), RoundLog())
+    model = create_model("taskedge-vit-tiny", num_classes=10, weights=weights)
+    tcfg = cfg.taskedge_config()
+    targets = target_modules(model, tcfg)
+    total = None
+    for pid in range(3):  # independent reference: the same probe + backward per node, summed here
+        d = load_local_data(cfg.task, pid, 20, partitioner=cfg.partitioner, alpha=cfg.alpha, seed=cfg.seed,
+                            test_fraction=cfg.test_fraction, calib_size=cfg.calib_size)
+        b = [(d.x_calib[i:i + cfg.batch_size], d.y_calib[i:i + cfg.batch_size])
+             for i in range(0, len(d.x_calib), cfg.batch_size)]
+        g = calibration_gradients(model, targets, find_head(model), b, signed=True)
+        total = g if total is None else {n: total[n] + g[n] for n in g}
+    scores = {n: v.abs().float() for n, v in total.items()}
+    count = budget_entries(cfg.budget, backbone_parameters(model, find_head(model)), sum(s.numel() for s in scores.values()))
+    expected = allocate(scores, count, "neuron")
+    for n in expected.names():
+        assert torch.equal(mask.indices[n], expected.indices[n]), n
+    # the paper score's mask differs (the labels matter)
+    pgrid = InProcessGrid(client_app, 3, _cfg(weights, tmp_path).to_dict())
+    paper = statistics_phase(pgrid, _cfg(weights, tmp_path), sorted(pgrid.get_node_ids()), RoundLog())
+    assert any(not torch.equal(mask.indices[n], paper.indices[n]) for n in mask.names())
+
+
+def test_gradient_replies_are_validated(weights, tmp_path):
+    from server import validate
+
+    cfg = _cfg(weights, tmp_path, score="gradient")
+    grid = InProcessGrid(client_app, 1, cfg.to_dict())
+    nid = min(grid.get_node_ids())
+    out = Message(RecordDict({"config": ConfigRecord(cfg.client_config())}), dst_node_id=nid, message_type="query.stats")
+    reply = grid.send_and_receive([out])[0]
+    from server.phases import _base, _stats_limits, max_examples
+
+    base = _base(cfg)
+    targets = target_modules(base, cfg.taskedge_config())
+    shapes, rows = _stats_limits(base, cfg, targets)
+    gshapes = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
+    st, _, _ = validate.stats_reply(reply, shapes, rows, cfg.calib_size, max_examples(cfg), None, gshapes)
+    assert all(f"{n}.g" in st and st[f"{n}.g"].shape == gshapes[n] for n in gshapes)
+    name = min(gshapes)
+    for bad, why in ((np.full(gshapes[name], np.nan), "NaN/Inf"), (np.full(gshapes[name], 1e9), "> 1e"),
+                     (np.zeros((3, 3)), "shape")):
+        grads = dict(reply.content["grads"].items())
+        grads[f"{name}.g"] = Array(bad.astype(np.float64))
+        content = RecordDict({k: reply.content[k] for k in ("info", "stats")})
+        content["grads"] = ArrayRecord(grads)
+        msg = Message(content, reply_to=out)
+        with pytest.raises(validate.BadReply, match=why):
+            validate.stats_reply(msg, shapes, rows, cfg.calib_size, max_examples(cfg), None, gshapes)
+    content = RecordDict({k: reply.content[k] for k in ("info", "stats")})  # no gradients at all
+    with pytest.raises(validate.BadReply, match="records"):
+        validate.stats_reply(Message(content, reply_to=out), shapes, rows, cfg.calib_size, max_examples(cfg), None,
+                             gshapes)

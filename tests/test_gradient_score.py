@@ -69,8 +69,14 @@ def test_gradient_score_mask_is_the_neuron_level_top_k_of_the_gradients():
     assert any(not torch.equal(mask.indices[n], paper.indices[n]) for n in mask.names())
 
 
-def test_unlabelled_calibration_and_the_federation_are_refused_by_name():
+def test_unlabelled_calibration_and_unsupported_combinations_are_refused_by_name():
     with pytest.raises(ValueError, match="labelled calibration batches"):
         get_taskedge_model(tiny_vit(), TaskEdgeConfig(budget=0.02, score="gradient"), [torch.randn(4, 3, 16, 16)])
-    with pytest.raises(ValueError, match="run config 'score': is a centralised reference only"):
-        parse_run_config({"score": "gradient"})
+    with pytest.raises(ValueError, match="nm: N:M pruning needs a weight-based score"):
+        TaskEdgeConfig(score="gradient", nm=(2, 4))
+    assert parse_run_config({"score": "gradient"}).score == "gradient"
+    for extra, why in (({"reconcile": "vote"}, "needs reconcile='stats'"),
+                       ({"dp": "server"}, "secure aggregation / DP do not cover"),
+                       ({"nm": "2:4"}, "N:M pruning needs a weight-based score")):
+        with pytest.raises(ValueError, match=f"run config 'score': '?gradient'? {why}|run config 'score':.*{why}"):
+            parse_run_config({"score": "gradient", **extra})
