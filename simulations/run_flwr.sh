@@ -151,6 +151,9 @@ cleanup() {
     say "interrupted (SIG$SIGNAL): stopped $n$( ((STOPPED)) && echo " ($(summary))")$( ((KILLED)) && echo "; $KILLED needed SIGKILL")"
     if [[ -n "$rundir" && -d "$rundir" ]]; then
       printf 'interrupted by SIG%s at %s; stopped %d processes\n' "$SIGNAL" "$(date -Iseconds)" "$STOPPED" > "$rundir/INTERRUPTED"
+      [[ -f "$rundir/results.json" ]] && python -c 'import json, os, sys
+p = sys.argv[1]; d = json.load(open(p)); d["status"] = "interrupted by SIG" + sys.argv[2]
+open(p + ".tmp", "w").write(json.dumps(d, indent=2)); os.replace(p + ".tmp", p)' "$rundir/results.json" "$SIGNAL" 2>/dev/null
       say "run folder marked interrupted: $rundir/INTERRUPTED"
     fi
   elif [[ "$STOPPED" -gt 0 ]]; then

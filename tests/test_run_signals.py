@@ -12,6 +12,7 @@ see the assertions fail).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -165,6 +166,9 @@ def test_signal_stops_the_whole_run(sig, tmp_path):
         assert re.search(r"interrupted \(SIG\w+\): stopped [1-9]\d* processes", out), out[-3000:]
         marked = list(runs.glob("*/INTERRUPTED"))
         assert len(marked) == 1, f"run folders: {list(runs.iterdir()) if runs.exists() else 'none'}"
+        results = marked[0].parent / "results.json"
+        if results.is_file():  # written once round 0 is evaluated; the signal may come before
+            assert json.loads(results.read_text())["status"] == f"interrupted by SIG{sig.name[3:]}"
         assert proc.returncode in (-sig, 128 + sig), proc.returncode
     finally:
         signal.signal(signal.SIGTERM, old_handler)
