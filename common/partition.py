@@ -8,6 +8,7 @@ batches of the statistics round (a device calibrates on its own data).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -69,7 +70,16 @@ def partition_labels(task: str, kind: str, num_partitions: int, alpha: float, se
 def _partition_tensors(task: str, kind: str, num_partitions: int, alpha: float, seed: int,
                        partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A partition's tensors, cached per process: a simulated node is asked for its data every round."""
-    return from_hf_dataset(_partitioned(task, kind, num_partitions, alpha, seed).load_partition(partition_id))
+    part = _partitioned(task, kind, num_partitions, alpha, seed)
+    try:
+        with warnings.catch_warnings():  # one line per failed Dirichlet draw otherwise; the error below says it all
+            warnings.filterwarnings("ignore", message="The specified min_partition_size")
+            ds = part.load_partition(partition_id)
+    except ValueError as exc:  # flwr-datasets' Dirichlet sampler gives up after 10 draws
+        raise ValueError(f"partitioner={kind!r}: could not split task {task!r} ({len(part.dataset):,} training "
+                         f"examples) into {num_partitions} partitions (alpha={alpha:g}, at least 10 examples each): "
+                         f"{exc} Use fewer partitions, a larger alpha, or partitioner='iid'") from None
+    return from_hf_dataset(ds)
 
 
 def load_local_data(task: str, partition_id: int, num_partitions: int, *, partitioner: str = "dirichlet",

@@ -4,7 +4,7 @@
 
 Runs the real ServerApp and ClientApp through `flwr.simulation.run_simulation` (Ray backend, 2
 actors of 1 CPU each, as `flwr run .` on the embedded default), `--nodes` SuperNodes that share the
-task's 1,000 training examples (Dirichlet partitions), `fraction-train` = `--fraction`, `--rounds`
+task's 1,000 training examples (IID partitions: 10 each at 100 nodes), `fraction-train` = `--fraction`, `--rounds`
 rounds. A sampler thread reads, every `--interval` seconds, the resident memory of this process
 (the ServerApp and the simulation engine) and of every process below it (the Ray actors that run
 the ClientApps, and Ray's own raylet / GCS / helpers): the peak RSS and USS (memory only that
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--actors", type=int, default=2, help="CPUs given to Ray (one actor per CPU)")
     ap.add_argument("--interval", type=float, default=0.5)
     ap.add_argument("--server-test-size", type=int, default=200)
+    ap.add_argument("--partitioner", default="iid", help="iid (default: 1,000 examples over 100 nodes is 10 each, "
+                                                         "below what a Dirichlet split can guarantee) or dirichlet")
     ap.add_argument("--json", type=Path, default=Path("results/bench_fleet_sim.json"))
     args = ap.parse_args(argv)
 
@@ -103,8 +105,10 @@ def main(argv: list[str] | None = None) -> dict:
     from server import server_app
 
     overrides = {"num-server-rounds": args.rounds, "fraction-train": args.fraction, "fraction-evaluate": 0.0,
+                 "partitioner": args.partitioner,
                  "min-nodes": args.nodes, "test-fraction": 0.0, "server-test-size": args.server_test_size,
                  "output-dir": str(Path(ray_tmp) / "runs")}
+    saved = dict(settings.DEFAULTS)
     settings.DEFAULTS.update(overrides)  # run_simulation passes no run config: the server's defaults are it
     sampler = MemorySampler(args.interval)
     sampler.start()
@@ -118,10 +122,13 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - t0
         memory = sampler.stop()
         shutil.rmtree(ray_tmp, ignore_errors=True)
+        settings.DEFAULTS.clear()
+        settings.DEFAULTS.update(saved)
     summary = server_app.LAST.get("summary", {})
     hist = server_app.LAST.get("history", [])
     doc = {"setup": {"nodes": args.nodes, "fraction_train": args.fraction, "rounds": args.rounds,
-                     "actors": args.actors, "task": settings.DEFAULTS["task"], "method": settings.DEFAULTS["method"],
+                     "actors": args.actors, "task": overrides.get("task", saved["task"]),
+                     "method": overrides.get("method", saved["method"]),
                      "command": "python -m simulations.bench_fleet_sim"},
            "wall_s": round(wall, 1), "memory": memory, "max_actor_processes_seen": sampler.max_actors,
            "final_acc": summary.get("final_acc"), "rounds_done": summary.get("rounds"),

@@ -34,3 +34,20 @@ def test_run_simulation_end_to_end(tmp_path, simulate):
         assert f.metadata()["round"] == "3"
     with safe_open(str(run / "final_model.safetensors"), framework="numpy") as f:
         assert "head.weight" in f.keys()
+
+
+@pytest.mark.slow
+def test_fleet_simulation_benchmark_measures_memory_per_role(tmp_path):
+    """simulations/bench_fleet_sim at a small size: the run completes with the sampled fraction of nodes
+    replying, memory is read for the server and the Ray actors, and the server's defaults are restored."""
+    import common.settings as settings
+    from simulations.bench_fleet_sim import main
+
+    before = dict(settings.DEFAULTS)
+    doc = main(["--nodes", "6", "--fraction", "0.5", "--rounds", "1", "--server-test-size", "50",
+                "--json", str(tmp_path / "f.json")])
+    assert settings.DEFAULTS == before
+    assert doc["rounds_done"] == 1 and doc["final_acc"] is not None
+    assert doc["replies_per_round"][-1] == 3  # half of 6 nodes sampled, all replied
+    assert doc["memory"]["server"]["rss_mib_max_per_process"] > 0
+    assert doc["max_actor_processes_seen"] >= 1 and doc["memory"]["actor"]["uss_mib_max_per_process"] > 0

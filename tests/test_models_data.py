@@ -251,3 +251,11 @@ def test_shipped_weights_are_found_outside_the_package(tmp_path, monkeypatch):
     shutil.copy(shipped, tmp_path / shipped.name)
     monkeypatch.setenv("TASKEDGE_WEIGHTS_DIR", str(tmp_path))
     assert M.shipped_weights() == tmp_path / shipped.name
+
+
+def test_an_impossible_dirichlet_split_is_named_with_the_fix():
+    from common.partition import load_local_data
+
+    with pytest.raises(ValueError, match=r"partitioner='dirichlet': could not split task 'count' .* into 100 "
+                                         r"partitions .*partitioner='iid'"):
+        load_local_data("count", 0, 100, partitioner="dirichlet", alpha=0.5)
