@@ -77,11 +77,14 @@ The measuring itself (the accounting rules above, RSS, interleaved timing) is ``
 tested on hand-computed byte counts; this entry point sets up the methods and writes the JSON.
 
 Default model: ``vit_base_patch16_224`` at img_size=64, batch 32, 2 threads (the issue's
-reference prototype; ~1-1.5 min on 2 idle cores, much longer on a loaded box;
-``--model vit_small_patch16_224`` is ~4x faster; the embedded ``taskedge-vit-tiny`` works too).
+reference prototype; ~4 min on 2 idle cores with the default 3 repetitions x 5 steps, much
+longer on a loaded box; ``--model vit_small_patch16_224`` is ~4x faster; the embedded
+``taskedge-vit-tiny`` works too).
 ``--model-kwargs`` passes extra ``timm.create_model`` arguments (e.g. '{"depth": 2}'). Example:
 
-    python -m simulations.bench_step --json results/bench_vitb_f32.json
+    python -m simulations.bench_step --methods floor,taskedge,lora,full,floor-stem --json results/bench_step.json
+    python -m simulations.bench_step --model resnet18 --img-size 64 --methods floor,taskedge,lora,full,floor-stem \
+        --json results/bench_step_conv.json
     python -m simulations.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json
     python -m simulations.bench_step --model mobilenetv3_small_100 --img-size 64
     python -m simulations.bench_step --conv-micro
