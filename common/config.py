@@ -36,8 +36,9 @@ class TaskEdgeConfig:
     nm: (N, M) semi-structured sparsity of the merged weight, e.g. (2, 4); None = off.
     save_dtype: precision of the input columns kept for the backward pass.
     conv_grad: how conv value gradients are computed ("sparse" offset sums, "dense"
-        weight gradient then gather; "auto" = sparse, which bench_step --conv-micro measured faster
-        on nearly every depthwise shape, 5x5 kernels by 10-60x).
+        weight gradient then gather; "auto" = dense only for an ungrouped conv whose mask holds more
+        than 1/64 of its weight (common.layers.dense_grad_pays), else sparse, which bench_step
+        --conv-micro measured faster on nearly every depthwise shape, 5x5 kernels by 10-60x).
     seed: seed for the "random" score.
     """
 

@@ -187,7 +187,9 @@ def apply_mask(model: nn.Module, mask: Mask, config: TaskEdgeConfig | None = Non
         if isinstance(mod, nn.Linear):
             wrapped[name] = SparseDeltaLinear(mod, mask.indices[name], config.save_dtype)
         else:
-            dense = config.conv_grad == "dense"  # "auto": sparse, measured faster on nearly all depthwise shapes too
+            # "auto": whichever common.layers.dense_grad_pays picks per module (dense only for ungrouped convs
+            # whose mask holds > 1/64 of the weight; depthwise / grouped stay sparse)
+            dense = None if config.conv_grad == "auto" else config.conv_grad == "dense"
             wrapped[name] = SparseDeltaConv2d(mod, mask.indices[name], config.save_dtype, dense)
     for name, new in wrapped.items():
         _set_module(model, name, new)
