@@ -100,8 +100,11 @@ def test_signal_stops_the_whole_run(sig, tmp_path):
     runs = tmp_path / "runs"
     cmd = ["bash", SCRIPT, "-n", "2", "--run-config",
            f"num-server-rounds=50 server-test-size=100 local-epochs=1 output-dir='{runs}'"]
+    # a terminal's foreground job has the default SIGINT disposition; a test run started in the background
+    # (`make test &`) inherits SIGINT *ignored*, and bash cannot trap a signal ignored on entry: reset it
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     started = threading.Event()
 
