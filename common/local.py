@@ -12,14 +12,14 @@ from torch import nn
 
 from common.config import TaskEdgeConfig
 from common.stats import arrays_to_norms, collect_stats, stats_to_arrays
-from common.train import evaluate, train_epochs
-from common.tuner import build_mask, target_modules
+from common.train import batches, evaluate, train_epochs
+from common.tuner import build_mask, find_head, target_modules
 
 
 def local_stats(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
     """Calibration pass through the frozen backbone: '<module>.ss' (float64) and '<module>.n' (int64)."""
-    batches = [x_calib[i:i + batch_size] for i in range(0, len(x_calib), batch_size)]
-    return stats_to_arrays(collect_stats(model, target_modules(model, tcfg), batches))
+    chunks = [x_calib[i:i + batch_size] for i in range(0, len(x_calib), batch_size)]
+    return stats_to_arrays(collect_stats(model, target_modules(model, tcfg), chunks))
 
 
 def local_gradients(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, y_calib: torch.Tensor,
@@ -27,10 +27,9 @@ def local_gradients(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tenso
     """score='gradient': signed Σ dL/dW over the local calibration data through a locally probed head,
     '<module>.g' (rows, width) float64 (common.gradient_score)."""
     from common.gradient_score import calibration_gradients
-    from common.tuner import find_head
 
-    batches = [(x_calib[i:i + batch_size], y_calib[i:i + batch_size]) for i in range(0, len(x_calib), batch_size)]
-    grads = calibration_gradients(model, target_modules(model, tcfg), find_head(model, tcfg.head), batches, signed=True)
+    grads = calibration_gradients(model, target_modules(model, tcfg), find_head(model, tcfg.head),
+                                  batches(x_calib, y_calib, batch_size, shuffle=False), signed=True)
     return {f"{n}.g": g.numpy() for n, g in grads.items()}
 
 

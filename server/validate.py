@@ -122,17 +122,21 @@ def check_error(msg: Message, records: tuple[str, ...]) -> None:
         raise BadReply(f"records {sorted(msg.content.keys())}, expected {sorted(records)}")
 
 
+def _bounded(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The arrays, if every float entry has |value| <= MAX_ABS; else BadReply naming the key."""
+    for key, arr in arrays.items():
+        if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > MAX_ABS:
+            raise BadReply(f"'{key}' has |value| {float(np.abs(arr).max()):.3g} > {MAX_ABS:g}")
+    return arrays
+
+
 def train_reply(msg: Message, specs: Mapping[str, Spec], max_examples: int) -> tuple[dict[str, np.ndarray], int, dict]:
     """(arrays, num-examples, metrics) of a training reply, or BadReply."""
     check_error(msg, ("arrays", "metrics"))
     metrics = _record(msg, "metrics", MetricRecord)
     n = count(metrics, "num-examples", max_examples)
     m = scalar_metrics(metrics)
-    arrays = decode(_record(msg, "arrays", ArrayRecord), specs)
-    for key, arr in arrays.items():
-        if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > MAX_ABS:
-            raise BadReply(f"'{key}' has |value| {float(np.abs(arr).max()):.3g} > {MAX_ABS:g}")
-    return arrays, n, m
+    return _bounded(decode(_record(msg, "arrays", ArrayRecord), specs)), n, m
 
 
 def eval_reply(msg: Message, max_examples: int) -> tuple[int, dict]:
@@ -189,11 +193,6 @@ def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_ex
                 raise BadReply(f"'{key}' must be unique integer indices in [0, {size})")
             votes[key] = arr
     if grad_shapes:
-        grec = _record(msg, "grads", ArrayRecord)
-        _keys(grec, [f"{m}.g" for m in grad_shapes])
-        for name, shape in grad_shapes.items():
-            g = decode_array(grec, f"{name}.g", shape, "float64")
-            if g.size and np.abs(g).max() > MAX_ABS:
-                raise BadReply(f"'{name}.g' has |value| {np.abs(g).max():.3g} > {MAX_ABS:g}")
-            stats[f"{name}.g"] = g
+        specs = {f"{m}.g": (shape, "float64") for m, shape in grad_shapes.items()}
+        stats.update(_bounded(decode(_record(msg, "grads", ArrayRecord), specs)))
     return stats, votes, {"num-examples": n_train}
