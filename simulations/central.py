@@ -63,16 +63,32 @@ def column_stats(mask) -> dict:
             "top5_column_share": sum(shares) / max(len(shares), 1)}
 
 
+def prepare(run: Run, base, calib: tuple | None) -> tuple:
+    """The run's trainable model on `base` (in place for the mask methods) and its mask (None for the
+    others), the mask calibrated on `calib` = (x, y): the federation's own build path, without Flower."""
+    from common.config import TaskEdgeConfig
+    from common.methods import MASK_METHODS, build
+    from common.settings import parse_nm
+    from common.train import batches
+    from common.tuner import build_mask, calibrate
+
+    tcfg = TaskEdgeConfig(budget=run.budget, score=run.score, allocation=run.allocation, seed=run.seed,
+                          col_cap=run.col_cap, nm=parse_nm(run.nm))
+    mask = None
+    if run.method in MASK_METHODS:
+        norms, grads = calibrate(base, tcfg, batches(*calib, 64, shuffle=False))
+        mask = build_mask(base, tcfg, norms, grads)
+    return build(run.method, base, tcfg, mask, run.lora_rank, run.seed), mask
+
+
 def finetune(run: Run, threads: int = 1) -> dict:
     """Train `run` and return accuracy on its eval split (plus per-epoch history and trainable counts)."""
     import torch
 
-    from common.config import TaskEdgeConfig
     from common.data import get_task, make_split
-    from common.methods import MASK_METHODS, base_model, build
-    from common.settings import parse_nm
-    from common.train import batches, evaluate, make_optimizer, train_epochs
-    from common.tuner import build_mask, calibrate, count_trainable, find_head
+    from common.methods import MASK_METHODS, base_model
+    from common.train import evaluate, make_optimizer, train_epochs
+    from common.tuner import count_trainable, find_head
 
     torch.set_num_threads(threads)
     torch.manual_seed(run.seed)
@@ -82,17 +98,12 @@ def finetune(run: Run, threads: int = 1) -> dict:
     xe, ye = split_data(run.eval_split)
     num_classes = spec.num_classes if not run.data_path else int(max(y.max(), ye.max())) + 1
     base = base_model(run.model, num_classes, run.weights, 0)
-    tcfg = TaskEdgeConfig(budget=run.budget, score=run.score, allocation=run.allocation, seed=run.seed,
-                          col_cap=run.col_cap, nm=parse_nm(run.nm))
     t0 = time.perf_counter()
-    mask = None
-    info = {}
-    if run.method in MASK_METHODS:
-        xc, yc = make_split(spec, "calib", n=run.calib) if not run.data_path else (x[:run.calib], y[:run.calib])
-        norms, grads = calibrate(base, tcfg, batches(xc, yc, 64, shuffle=False))
-        mask = build_mask(base, tcfg, norms, grads)
-        info = column_stats(mask)
-    model = build(run.method, base, tcfg, mask, run.lora_rank, run.seed)
+    calib = None
+    if run.method in MASK_METHODS:  # only the mask methods calibrate
+        calib = make_split(spec, "calib", n=run.calib) if not run.data_path else (x[:run.calib], y[:run.calib])
+    model, mask = prepare(run, base, calib)
+    info = column_stats(mask) if mask is not None else {}
     setup_s = time.perf_counter() - t0
     head = find_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

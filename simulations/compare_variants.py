@@ -77,32 +77,24 @@ def cost(batch: int, reps: int, threads: int, task: str) -> dict:
 
     import torch
 
-    from common.config import TaskEdgeConfig
     from common.data import get_task, make_split
-    from common.methods import MASK_METHODS, base_model, build
+    from common.methods import base_model
     from common.profiling import interleaved_times, step_live_peak, train_step
-    from common.settings import METHOD_HEAD_LR, METHOD_LR, parse_nm
-    from common.train import batches, make_optimizer
-    from common.tuner import build_mask, calibrate
+    from common.train import make_optimizer
+    from simulations.central import prepare
 
     torch.set_num_threads(threads)
     spec = get_task(task)
     x, y = make_split(spec, "train", n=batch)
-    xc, yc = make_split(spec, "calib", n=256)
+    calib = make_split(spec, "calib", n=256)
     models, opts = {}, {}
     floor = base_model("taskedge-vit-tiny", spec.num_classes)
     for p in floor.parameters():
         p.requires_grad_(False)
     models["floor"], opts["floor"] = floor, None
-    for label, kw in VARIANTS:
-        base = base_model("taskedge-vit-tiny", spec.num_classes)
-        tcfg = TaskEdgeConfig(budget=kw.get("budget", TE_BUDGET), nm=parse_nm(kw.get("nm", "")))
-        mask = None
-        if kw["method"] in MASK_METHODS:
-            norms, grads = calibrate(base, tcfg, batches(xc, yc, 64, shuffle=False))
-            mask = build_mask(base, tcfg, norms, grads)
-        models[label] = build(kw["method"], base, tcfg, mask, kw.get("lora_rank", 8), 0)
-        opts[label] = make_optimizer(models[label], METHOD_LR[kw["method"]], head_lr=METHOD_HEAD_LR[kw["method"]])
+    for run in _runs([task], [0], epochs=1):  # one per variant, built exactly as the accuracy runs build it
+        models[run.tag], _ = prepare(run, base_model("taskedge-vit-tiny", spec.num_classes), calib)
+        opts[run.tag] = make_optimizer(models[run.tag], run.lr, head_lr=run.head_lr)
     peak = {}
     for k, m in models.items():
         train_step(m, opts[k], x, y, k == "floor")  # warm-up (optimizer state exists)
