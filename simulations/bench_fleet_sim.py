@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -94,34 +93,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=Path("results/bench_fleet_sim.json"))
     args = ap.parse_args(argv)
 
-    root = Path(__file__).resolve().parents[1]
-    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay short
-    os.environ.update({"HF_HUB_OFFLINE": "1", "RAY_TMPDIR": ray_tmp,
-                       "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))})
-    from flwr.simulation import run_simulation
-
-    from client.client_app import app as client_app
     from common import settings
     from server import server_app
+    from simulations.ray_simulation import run_ray_simulation
 
+    out_dir = tempfile.mkdtemp(prefix="fleet-runs-")  # the run's own results folder; only the summary is kept
     overrides = {"num-server-rounds": args.rounds, "fraction-train": args.fraction, "fraction-evaluate": 0.0,
                  "partitioner": args.partitioner,
                  "min-nodes": args.nodes, "test-fraction": 0.0, "server-test-size": args.server_test_size,
-                 "output-dir": str(Path(ray_tmp) / "runs")}
+                 "output-dir": out_dir}
     saved = dict(settings.DEFAULTS)
     settings.DEFAULTS.update(overrides)  # run_simulation passes no run config: the server's defaults are it
     sampler = MemorySampler(args.interval)
     sampler.start()
     t0 = time.perf_counter()
     try:
-        run_simulation(server_app=server_app.app, client_app=client_app, num_supernodes=args.nodes,
-                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                       "init_args": {"num_cpus": args.actors, "num_gpus": 0,
-                                                     "include_dashboard": False, "logging_level": "WARNING"}})
+        run_ray_simulation(args.nodes, num_cpus=args.actors)
     finally:
         wall = time.perf_counter() - t0
         memory = sampler.stop()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        shutil.rmtree(out_dir, ignore_errors=True)
         settings.DEFAULTS.clear()
         settings.DEFAULTS.update(saved)
     summary = server_app.LAST.get("summary", {})

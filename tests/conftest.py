@@ -42,31 +42,14 @@ def simulate(monkeypatch):
     `run_simulation` gives the apps an empty run config, so `overrides` are set as the server's
     defaults (the server sends them to the clients in every message). Returns the ServerApp's LAST.
     """
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     def run(overrides: dict, num_supernodes: int = 3) -> dict:
-        root = Path(__file__).resolve().parents[1]
-        ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's AF_UNIX socket paths must stay < 108 bytes
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        monkeypatch.setenv("RAY_TMPDIR", ray_tmp)
-        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        from flwr.simulation import run_simulation
-
-        import common.settings as settings
-        import server.server_app as server_app
-        from client.client_app import app as client_app
+        from common import settings
+        from server import server_app
+        from simulations.ray_simulation import run_ray_simulation
 
         for key, value in overrides.items():
             monkeypatch.setitem(settings.DEFAULTS, key, value)
-        try:
-            run_simulation(server_app=server_app.app, client_app=client_app, num_supernodes=num_supernodes,
-                           backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                           "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False,
-                                                         "logging_level": "WARNING"}})
-        finally:
-            shutil.rmtree(ray_tmp, ignore_errors=True)
+        run_ray_simulation(num_supernodes, num_cpus=2)
         return server_app.LAST
 
     return run
