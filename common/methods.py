@@ -26,7 +26,7 @@ from torch import nn
 from common.allocation import Mask
 from common.config import STAT_SCORES, TaskEdgeConfig
 from common.train import HEAD_LR_ATTR
-from common.tuner import apply_mask, apply_nm, find_head, mark_trainable, merge_and_unload, target_modules
+from common.tuner import apply_mask, apply_nm, find_head, mark_trainable, merge_and_unload
 from common.settings import AppConfig
 from common.wire import PACKED, Arrays, carry_values, nested, pack, unpack
 
@@ -76,15 +76,10 @@ def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None 
             lcfg = TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": lora_rank})
             return apply_lora_mask(base, mask, lcfg)
         return apply_mask(base, mask, tcfg)
-    if method == "fedlora":
-        from peft import LoraConfig, get_peft_model
+    if method == "fedlora":  # peft LoRA (alpha 2r) + dense head; depthwise convs peft refuses stay frozen
+        from common.baselines import peft_lora
 
-        targets = list(target_modules(base, tcfg))
-        head = find_head(base, tcfg.head)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return get_peft_model(base, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, target_modules=targets,
-                                                   modules_to_save=[head] if head else None))
+        return peft_lora(base, lora_rank, seed=seed, config=tcfg)
     if method == "fedavg-full":
         for p in base.parameters():
             p.requires_grad_(True)

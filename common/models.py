@@ -6,8 +6,10 @@ pre-trained weights ship with the package (``common/weights/``, safetensors,
 sha256 in ``EMBEDDED_WEIGHTS``): they come from ``simulations/pretrain_backbone.py``
 (pre-training on the procedural ``upstream-mix`` task, fixed recipe and seed),
 so the whole project works offline and a first run does not pre-train.  A model
-without shipped weights (``taskedge-mobilenet-tiny``) is pre-trained with the same
-recipe on first use and cached under ``$TASKEDGE_CACHE``.
+without shipped weights is pre-trained with the same recipe on first use and cached under
+``$TASKEDGE_CACHE``. Two timm CNNs built the same way ship too, for the edge benchmark:
+``taskedge-resnet-tiny`` (timm ResNet, BasicBlocks) and ``taskedge-mobilenetv2-tiny`` (timm's
+MobileNetV2 builder: inverted residuals with depthwise convs).
 
 Every downstream model gets a genuinely fresh classifier head (seeded, so every
 federated node builds the same one): the upstream head is never reused.
@@ -28,6 +30,9 @@ from pathlib import Path
 import timm
 import torch
 from timm.models import build_model_with_cfg, register_model
+from timm.models._efficientnet_builder import decode_arch_def
+from timm.models.efficientnet import EfficientNet
+from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -49,13 +54,18 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "taskedge-vit-tiny"
 # public (hyphenated) name -> timm registry name (timm entrypoints are Python identifiers)
-EMBEDDED_MODELS = {"taskedge-vit-tiny": "taskedge_vit_tiny", "taskedge-mobilenet-tiny": "taskedge_mobilenet_tiny"}
+EMBEDDED_MODELS = {"taskedge-vit-tiny": "taskedge_vit_tiny", "taskedge-resnet-tiny": "taskedge_resnet_tiny",
+                   "taskedge-mobilenetv2-tiny": "taskedge_mobilenetv2_tiny"}
 PRETRAIN_VERSION = 2
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # Shipped pre-trained weights: file in WEIGHTS_DIR and its sha256 (README: how to regenerate and verify).
 EMBEDDED_WEIGHTS = {
     "taskedge-vit-tiny": ("taskedge-vit-tiny.safetensors",
                           "737dd37701832d9adad957fab2251fdb03abfec17de3b69863c0d078770ce008"),
+    "taskedge-resnet-tiny": ("taskedge-resnet-tiny.safetensors",
+                             "be0aa49f1d35a73f3162df24c31fe0f2caee66a37178b1ca61c4316e55564537"),
+    "taskedge-mobilenetv2-tiny": ("taskedge-mobilenetv2-tiny.safetensors",
+                                  "cbe2f759dab136086e8f580befb2b791c623761863828d3b0fd7f809f18f0349"),
 }
 HEAD_SEED = 0  # seed of the fresh downstream head (the same head on every node)
 
@@ -79,7 +89,8 @@ def _cfg(**kw) -> dict:
 # read by timm's register_model (it looks up ``default_cfgs`` in the defining module)
 default_cfgs = {
     "taskedge_vit_tiny": _cfg(first_conv="patch_embed.proj"),
-    "taskedge_mobilenet_tiny": _cfg(first_conv="stem.0"),
+    "taskedge_resnet_tiny": _cfg(first_conv="conv1", classifier="fc"),
+    "taskedge_mobilenetv2_tiny": _cfg(first_conv="conv_stem", classifier="classifier"),
 }
 
 
@@ -96,58 +107,37 @@ def _taskedge_vit_tiny(pretrained: bool = False, **kwargs) -> VisionTransformer:
     return build_model_with_cfg(VisionTransformer, "taskedge_vit_tiny", pretrained, **dict(args, **kwargs))
 
 
-def _dw_separable(cin: int, cout: int, stride: int) -> nn.Sequential:
-    """MobileNet block: depthwise 3x3 then pointwise 1x1, each with BatchNorm + ReLU."""
-    return nn.Sequential(
-        nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
-        nn.BatchNorm2d(cin),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(cin, cout, 1, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
+def _taskedge_resnet_tiny(pretrained: bool = False, **kwargs) -> ResNet:
+    """timm ResNet for 32x32 inputs: BasicBlock stages [1, 1, 1, 1] of widths 16-32-64-128 (~0.33 M
+    parameters, Conv2d targets only). timm's 7x7 stride-2 stem is kept, its max-pool dropped, so the
+    stages run at 16, 8, 4 and 2 pixels instead of collapsing to 1x1 on 32x32 images."""
+    args = {"block": BasicBlock, "layers": (1, 1, 1, 1), "channels": (16, 32, 64, 128), "stem_width": 16}
+    model = build_model_with_cfg(ResNet, "taskedge_resnet_tiny", pretrained, **dict(args, **kwargs))
+    model.maxpool = nn.Identity()
+    return model
 
 
-class TinyMobileNet(nn.Module):
-    """Depthwise-separable CNN for 32x32 inputs; exposes the timm classifier interface."""
-
-    def __init__(self, num_classes: int = 10, in_chans: int = 3, widths=(32, 64, 128, 128, 256), drop_rate=0.0, **_):
-        super().__init__()
-        self.num_classes, self.num_features = num_classes, widths[-1]
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True)
-        )
-        strides = (2, 2, 1, 2)
-        self.blocks = nn.Sequential(*(_dw_separable(a, b, s) for a, b, s in zip(widths, widths[1:], strides)))
-        self.drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(self.stem(x))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.drop(x.mean(dim=(2, 3)))
-        return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+# MobileNetV2's inverted-residual stages (timm's block-string notation), shortened and narrowed for
+# 32x32 inputs: expansion 4 instead of 6, five stages ending at 2x2.
+_MOBILENETV2_TINY_ARCH = [["ds_r1_k3_s1_c16"], ["ir_r2_k3_s2_e4_c24"], ["ir_r2_k3_s2_e4_c32"],
+                          ["ir_r2_k3_s1_e4_c64"], ["ir_r1_k3_s2_e4_c96"]]
 
 
-def _taskedge_mobilenet_tiny(pretrained: bool = False, **kwargs) -> TinyMobileNet:
-    """Small MobileNet-style CNN (Conv2d standard + depthwise + pointwise targets)."""
-    return build_model_with_cfg(TinyMobileNet, "taskedge_mobilenet_tiny", pretrained, **kwargs)
+def _taskedge_mobilenetv2_tiny(pretrained: bool = False, **kwargs) -> EfficientNet:
+    """timm's MobileNetV2 (EfficientNet class, ReLU6, BatchNorm) with a small arch for 32x32 inputs
+    (~0.15 M parameters): standard stem/head convs, depthwise 3x3 and pointwise 1x1 convs."""
+    args = {"block_args": decode_arch_def(_MOBILENETV2_TINY_ARCH), "num_features": 256, "stem_size": 16,
+            "act_layer": nn.ReLU6}
+    return build_model_with_cfg(EfficientNet, "taskedge_mobilenetv2_tiny", pretrained, **dict(args, **kwargs))
+
+
+_ENTRYPOINTS = {"taskedge_vit_tiny": _taskedge_vit_tiny, "taskedge_resnet_tiny": _taskedge_resnet_tiny,
+                "taskedge_mobilenetv2_tiny": _taskedge_mobilenetv2_tiny}
 
 
 def _register() -> None:
     """Register once; re-registering would make timm warn about overwriting."""
-    for fn, name in ((_taskedge_vit_tiny, "taskedge_vit_tiny"), (_taskedge_mobilenet_tiny, "taskedge_mobilenet_tiny")):
+    for name, fn in _ENTRYPOINTS.items():
         if not timm.is_model(name):
             fn.__name__ = name  # timm registers the entrypoint under its function name
             register_model(fn)

@@ -33,6 +33,8 @@ class FeatureStats:
         self.module = module
         self._ss = torch.zeros(shape, dtype=torch.float64)
         self._maps: dict[tuple[int, int], torch.Tensor] = {}  # Conv2d: input (H, W) -> pending summed map
+        self._out: dict[tuple[int, int], int] = {}  # Conv2d: input (H, W) -> output positions per sample
+        self._linear = isinstance(module, nn.Linear)
         self.n = 0
 
     @property
@@ -66,32 +68,37 @@ class FeatureStats:
 
     @torch.no_grad()
     def add_batch(self, x: torch.Tensor) -> None:
-        if isinstance(self.module, nn.Linear):
-            x2 = x.detach().reshape(-1, x.shape[-1]).double()  # float64 sums: pooled == central
-            self._ss += x2.pow(2).sum(0).cpu()
+        if self._linear:
+            x2 = x.detach().reshape(-1, x.shape[-1]).double()  # float64 sums: pooled == central, to the bit
+            self._ss += torch.square(x2).sum(0).cpu()
             self.n += x2.shape[0]
             return
-        m = self.module
         x = x.detach()
         if x.dim() == 3:
             x = x.unsqueeze(0)
-        # Sum the squares over the batch first (one pass over the activations) into a float64
-        # (C, H, W) map per input shape; the per-offset sums over that batch-size times smaller
-        # map are taken once, when `ss` is read (_flush), instead of re-reading the whole batch
-        # kh*kw times per batch. (torch.linalg.vector_norm over dim 0 would avoid the x**2
-        # temporary but is ~15x slower on CPU.) Zero padding adds zeros either way.
+        # Conv2d: a float64 (C, H, W) map per input shape; the per-offset sums over that
+        # batch-size times smaller map are taken once, when `ss` is read (_flush), instead of
+        # re-reading the whole batch kh*kw times per batch. (torch.linalg.vector_norm over dim 0
+        # would avoid the x**2 temporary but is ~15x slower on CPU.) Zero padding adds zeros either way.
         key = (x.shape[2], x.shape[3])
-        s = x.float().pow(2).sum(0)
+        s = torch.square(x.float()).sum(0)
         acc = self._maps.get(key)
         if acc is None:
             self._maps[key] = s.double()
         else:
             acc += s
-        (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-        l, r, t, b = m._reversed_padding_repeated_twice
-        ho = (key[0] + t + b - dh * (kh - 1) - 1) // sh + 1
-        wo = (key[1] + l + r - dw * (kw - 1) - 1) // sw + 1
-        self.n += x.shape[0] * ho * wo
+        self.n += x.shape[0] * self._positions(key)
+
+    def _positions(self, key: tuple[int, int]) -> int:
+        """Output positions per sample of the Conv2d for an (H, W) input (cached per shape)."""
+        p = self._out.get(key)
+        if p is None:
+            m = self.module
+            (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+            l, r, t, b = m._reversed_padding_repeated_twice
+            p = ((key[0] + t + b - dh * (kh - 1) - 1) // sh + 1) * ((key[1] + l + r - dw * (kw - 1) - 1) // sw + 1)
+            self._out[key] = p
+        return p
 
     def norm(self) -> torch.Tensor:
         """Per-feature L2 norm normalised by rows, sqrt(ss / n) (float32)."""

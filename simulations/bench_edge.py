@@ -46,12 +46,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import statistics
 import sys
-import types
 from functools import partial
 from pathlib import Path
 
@@ -61,11 +59,12 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import baselines
 from common import flops as flopslib
 from common import profiling
 from common.config import TaskEdgeConfig
 from common.models import create_model
-from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules
+from common.tuner import collect_norms, get_taskedge_model, target_modules
 
 MIB = profiling.MIB
 METHODS = ("linear", "bn_head", "bitfit", "full", "lora", "lora_dw", "dora", "galore", "taskedge")
@@ -74,82 +73,12 @@ MODELS = {
     "taskedge-vit-tiny": (32, {}),
     "resnet18": (64, {}),
     "mobilenetv2_050": (64, {}),
-    "taskedge-mobilenet-tiny": (32, {}),
+    "taskedge-resnet-tiny": (32, {}),
+    "taskedge-mobilenetv2-tiny": (32, {}),
 }
 DEFAULT_MODELS = ("taskedge-vit-tiny", "resnet18", "mobilenetv2_050")
-NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
-
-
-class MethodUnavailable(RuntimeError):
-    """A method cannot be set up for this model (recorded as a result row, not an error)."""
-
-
-# --- GaLore ------------------------------------------------------------------------------------
-
-def load_galore_adamw():
-    """galore-torch's GaLoreAdamW. The 1.0 wheel's package ``__init__`` imports its 8-bit optimizer,
-    which needs bitsandbytes (not installed here, and unused); load the package without running its
-    ``__init__`` so that ``galore_torch.adamw`` imports on its own. Raises MethodUnavailable when the
-    package is missing."""
-    if "galore_torch" not in sys.modules:
-        spec = importlib.util.find_spec("galore_torch")
-        if spec is None:
-            raise MethodUnavailable("galore-torch is not installed (pip install galore-torch)")
-        try:
-            import galore_torch  # noqa: F401
-        except ImportError:
-            sys.modules.pop("galore_torch", None)
-            pkg = types.ModuleType("galore_torch")
-            pkg.__path__, pkg.__spec__ = list(spec.submodule_search_locations), spec
-            sys.modules["galore_torch"] = pkg
-    from galore_torch.adamw import AdamW
-    return AdamW
-
-
-class FlatGaLore:
-    """GaLoreAdamW on 2-D views of conv weights: galore-torch 1.0 projects 2-D gradients only
-    (a 4-D conv gradient fails in ``diag()``). Each weight gets a 2-D parameter that *shares its
-    storage*, shape (C_out, C_in/g·k·k); before every step its ``.grad`` is the flattened view of the
-    real gradient, and the optimizer's in-place update lands in the real weight. Other parameters
-    go to a plain AdamW group of the same optimizer. Exposes zero_grad / step / state."""
-
-    def __init__(self, galore_params, other_params, lr, rank, gap, scale):
-        AdamW = load_galore_adamw()
-        self.pairs = [(p, nn.Parameter(p.detach().view(p.shape[0], -1))) for p in galore_params]
-        groups = [{"params": [s for _, s in self.pairs], "rank": rank, "update_proj_gap": gap, "scale": scale,
-                   "proj_type": "std"}]
-        other_params = list(other_params)
-        if other_params and isinstance(other_params[0], dict):  # parameter groups
-            groups = other_params + groups
-        elif other_params:
-            groups.insert(0, {"params": other_params})
-        self.inner = AdamW(groups, lr=lr, weight_decay=0.0, no_deprecation_warning=True)
-
-    @property
-    def state(self):
-        return self.inner.state
-
-    def zero_grad(self, set_to_none: bool = True):
-        self.inner.zero_grad(set_to_none=set_to_none)
-        for p, _ in self.pairs:
-            p.grad = None
-
-    def step(self):
-        for p, s in self.pairs:
-            s.grad = None if p.grad is None else p.grad.view(s.shape)
-        self.inner.step()
-        for _, s in self.pairs:
-            s.grad = None
-
-    def projector_bytes(self) -> int:
-        """Bytes of the projection matrices (in the state as objects, not tensors)."""
-        n = 0
-        for st in self.inner.state.values():
-            pr = st.get("projector")
-            m = getattr(pr, "ortho_matrix", None)
-            if torch.is_tensor(m):
-                n += m.numel() * m.element_size()
-        return n
+MethodUnavailable = baselines.MethodUnavailable
+FlatGaLore = baselines.FlatGaLore
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -159,87 +88,38 @@ def make_model(name: str, num_classes: int, seed: int, pretrained: bool = False)
     return create_model(name, num_classes=num_classes, pretrained=pretrained, **MODELS.get(name, (0, {}))[1]).float()
 
 
-def _head_params(model: nn.Module) -> list[nn.Parameter]:
-    head = find_head(model)
-    return list(model.get_submodule(head).parameters()) if head else []
-
-
 def _depthwise_names(model: nn.Module) -> list[str]:
     return [n for n, m in target_modules(model, TaskEdgeConfig()).items() if isinstance(m, nn.Conv2d) and m.groups > 1]
 
 
-def peft_targets(model: nn.Module, r: int) -> tuple[list[str], list[str]]:
-    """(accepted, refused): every Linear/Conv2d outside the head; peft refuses grouped convs whose
-    groups do not divide r (``r % groups != 0``)."""
-    mods = target_modules(model, TaskEdgeConfig())
-    refused = [n for n, m in mods.items() if isinstance(m, nn.Conv2d) and m.groups > 1 and r % m.groups]
-    return [n for n in mods if n not in refused], refused
-
-
-def _groups(params, head_ids: set, lr: float, head_lr: float) -> list[dict]:
-    body = [p for p in params if id(p) not in head_ids]
-    head = [p for p in params if id(p) in head_ids]
-    return [g for g in ({"params": body, "lr": lr}, {"params": head, "lr": head_lr}) if g["params"]]
-
-
 def setup_method(method: str, args, model_name: str, calib, lrs: tuple[float, float] = (1e-3, 1e-3)):
-    """(model, optimizer, trainable scalars, notes). Raises MethodUnavailable where it cannot run.
-    ``lrs``: (body / adapter / delta learning rate, head learning rate)."""
+    """(model, optimizer, trainable scalars, notes), built by `common.baselines` (the accuracy runs'
+    code). Raises MethodUnavailable where it cannot run. ``lrs``: (body / adapter / delta, head)."""
     model = make_model(model_name, args.num_classes, args.seed, getattr(args, "pretrained", False))
-    head_ids = set(map(id, _head_params(model)))
     notes: dict = {}
     lr, head_lr = lrs
     if method in ("linear", "bn_head", "bitfit", "full"):
-        model.requires_grad_(method == "full")
-        head = set(map(id, _head_params(model)))
-        for name, p in model.named_parameters():
-            if id(p) in head:
-                p.requires_grad_(True)
-        if method == "bn_head":
-            for m in model.modules():
-                if isinstance(m, NORMS):
-                    for p in m.parameters():
-                        p.requires_grad_(True)
-        if method == "bitfit":
-            for name, p in model.named_parameters():
-                if name.endswith("bias"):
-                    p.requires_grad_(True)
+        baselines.train_only(model, method.replace("_", "-"))
     elif method in ("lora", "dora", "lora_dw"):
-        from peft import LoraConfig, get_peft_model
-
-        names, refused = peft_targets(model, args.rank)
-        rank_pattern = {}
-        if method == "lora_dw":
-            if not refused:
-                raise MethodUnavailable("no depthwise/grouped convs in this model")
-            mods = dict(model.named_modules())
-            rank_pattern = {f"^{n}$": mods[n].groups for n in refused}  # r = groups: peft's smallest legal rank
-            names = names + refused
-            refused = []
-        elif refused:
-            notes["peft_refused"] = len(refused)
-        head_p = _head_params(model)
-        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=names,
-                                                 lora_dropout=0.0, use_dora=method == "dora",
-                                                 rank_pattern=rank_pattern))
-        for p in head_p:
-            p.requires_grad_(True)
+        model = baselines.peft_lora(model, args.rank, dora=method == "dora", seed=args.seed, save_head=False,
+                                    force_grouped=method == "lora_dw")
+        if model.peft_refused:
+            notes["peft_refused"] = model.peft_refused
     elif method == "galore":
-        mods = target_modules(model, TaskEdgeConfig())
-        gal = [m.weight for m in mods.values()]
-        gal_ids = set(map(id, gal))
-        model.requires_grad_(True)
-        others = [p for p in model.parameters() if id(p) not in gal_ids]
-        opt = FlatGaLore(gal, _groups(others, head_ids, lr, head_lr), lr, args.rank, args.galore_gap, 0.25)
+        opt = baselines.galore_optimizer(model, lr, head_lr, args.rank, args.galore_gap)
         model.train()
-        return model, opt, sum(p.numel() for p in model.parameters()), {"galore_layers": len(gal)}
+        return model, opt, sum(p.numel() for p in model.parameters()), {"galore_layers": len(opt.pairs)}
     elif method == "taskedge":
-        model, _mask = get_taskedge_model(model, TaskEdgeConfig(budget=args.budget), calib)
+        model, _mask = get_taskedge_model(model, TaskEdgeConfig(budget=args.budget, conv_grad=args.conv_grad), calib)
     else:
         raise ValueError(method)
     model.train()
+    head_ids = set(map(id, baselines.head_parameters(model.get_base_model() if hasattr(model, "get_base_model")
+                                                     else model)))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(_groups(params, head_ids, lr, head_lr), lr=lr) if params else None
+    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
+              {"params": [p for p in params if id(p) in head_ids], "lr": head_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr) if params else None
     return model, opt, sum(p.numel() for p in params), notes
 
 
@@ -433,7 +313,7 @@ def plot(result: dict, path: Path) -> None:
                 raw = [result["models"][k]["methods"].get(m, {}).get("flops_torch_raw", 0) / 1e9 for k in models]
                 ax.scatter([x for x, r, v in zip(xs, raw, vals) if r > 1.05 * v > 0],
                            [r for r, v in zip(raw, vals) if r > 1.05 * v > 0], marker="x", color="k", s=18, zorder=3,
-                           label="torch raw count" if i == methods.index("full") else None)
+                           label="torch raw count" if i == 0 else None)
         ax.set_xticks([j + w * (len(methods) - 1) / 2 for j in range(len(models))])
         ax.set_xticklabels([f"{k}\n({result['models'][k]['img_size']}px, b{result['models'][k]['batch']})"
                             for k in models], fontsize=8)
@@ -456,6 +336,8 @@ def parse_args(argv=None):
     p.add_argument("--rank", type=int, default=8, help="LoRA / DoRA / GaLore rank")
     p.add_argument("--galore-gap", type=int, default=200)
     p.add_argument("--budget", type=float, default=0.01, help="TaskEdge budget (fraction of backbone params)")
+    p.add_argument("--conv-grad", default="auto", choices=("auto", "sparse", "dense"),
+                   help="TaskEdge's conv value gradient (TaskEdgeConfig.conv_grad)")
     p.add_argument("--reps", type=int, default=5, help="timed steps per method (>= 3)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -472,7 +354,7 @@ def parse_args(argv=None):
     p.add_argument("--png", default="results/bench_edge.png", help="'' = no figure")
     a = p.parse_args(argv)
     if a.quick:
-        a.models, a.methods, a.reps, a.batch, a.dw_probe = "taskedge-mobilenet-tiny", "full,taskedge", 3, 4, 1
+        a.models, a.methods, a.reps, a.batch, a.dw_probe = "taskedge-mobilenetv2-tiny", "full,taskedge", 3, 4, 1
         a.importance_reps = 0
     if a.reps < 3:
         p.error("--reps must be >= 3")
@@ -486,7 +368,8 @@ def run(args) -> dict:
     if bad:
         raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {METHODS}")
     res = {"models": {}, "settings": {
-        "batch": args.batch, "rank": args.rank, "budget": args.budget, "reps": args.reps, "threads": args.threads,
+        "batch": args.batch, "rank": args.rank, "budget": args.budget, "conv_grad": args.conv_grad, "reps": args.reps,
+        "threads": args.threads,
         "galore_gap": args.galore_gap, "optimizer": "AdamW lr 1e-3", "init": "random (cost figures only)",
         "torch": torch.__version__, "loadavg_start": os.getloadavg()[0],
         "memory": "simultaneous peak of live tensor bytes over one step (common.profiling.step_live_peak)",

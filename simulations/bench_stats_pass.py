@@ -31,7 +31,7 @@ from common.config import TaskEdgeConfig
 from common.models import create_model
 from common.tuner import target_modules
 
-CASES = (("taskedge-mobilenet-tiny", 32), ("mobilenetv2_050", 64), ("resnet18", 64))
+CASES = (("taskedge-mobilenetv2-tiny", 32), ("taskedge-resnet-tiny", 32), ("mobilenetv2_050", 64), ("resnet18", 64))
 
 
 @torch.no_grad()

@@ -15,11 +15,15 @@ from dataclasses import asdict, dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Centralised-only baselines of the edge benchmark (common.baselines; the federation does not run them):
+# normalisation layers + head, every bias + head (BitFit), peft DoRA (rank `lora_rank`), GaLore (rank `lora_rank`).
+EDGE_METHODS = ("bn-head", "bitfit", "dora", "galore")
+
 
 @dataclass(frozen=True)
 class Run:
     task: str
-    method: str  # taskedge | taskedge-lora | fedlora | fedavg-full | head-only
+    method: str  # taskedge | taskedge-lora | fedlora | fedavg-full | head-only, or an EDGE_METHODS baseline
     lr: float
     head_lr: float
     seed: int = 0
@@ -75,6 +79,14 @@ def prepare(run: Run, base, calib: tuple | None) -> tuple:
     tcfg = TaskEdgeConfig(budget=run.budget, score=run.score, allocation=run.allocation, seed=run.seed,
                           col_cap=run.col_cap, nm=parse_nm(run.nm))
     mask = None
+    if run.method in EDGE_METHODS:
+        from common import baselines
+
+        if run.method == "dora":
+            return baselines.peft_lora(base, run.lora_rank, dora=True, seed=run.seed, config=tcfg), None
+        if run.method == "galore":  # trains every weight; the low rank lives in the optimizer (finetune)
+            return base.requires_grad_(True), None
+        return baselines.train_only(base, run.method), None
     if run.method in MASK_METHODS:
         norms, grads = calibrate(base, tcfg, batches(*calib, 64, shuffle=False))
         mask = build_mask(base, tcfg, norms, grads)
@@ -108,7 +120,12 @@ def finetune(run: Run, threads: int = 1) -> dict:
     head = find_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head_n = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and f"{head}." in f".{n}")
-    opt = make_optimizer(model, run.lr, head_lr=run.head_lr)
+    if run.method == "galore":
+        from common.baselines import galore_optimizer
+
+        opt = galore_optimizer(model, run.lr, run.head_lr, run.lora_rank)
+    else:
+        opt = make_optimizer(model, run.lr, head_lr=run.head_lr)
     history = []
     t0 = time.perf_counter()
     for epoch in range(1, run.epochs + 1):
@@ -124,6 +141,8 @@ def finetune(run: Run, threads: int = 1) -> dict:
            "train_s": round(time.perf_counter() - t0, 2), "setup_s": round(setup_s, 2), "history": history, **info}
     if run.method in MASK_METHODS:
         out["entries"] = count_trainable(model)["delta"]
+    if hasattr(model, "peft_refused"):
+        out["peft_refused"] = model.peft_refused  # depthwise convs peft would not adapt (left frozen)
     return out
 
 

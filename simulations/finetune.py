@@ -131,7 +131,7 @@ def _positive_int(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="embedded model (taskedge-vit-tiny, taskedge-mobilenet-tiny; offline) or any timm model "
+                   help="embedded model (taskedge-vit-tiny, taskedge-resnet-tiny, taskedge-mobilenetv2-tiny; offline) or any timm model "
                         "name (default: %(default)s)")
     p.add_argument("--weights", default=None, help="local .safetensors/.pth state dict (offline pre-trained weights)")
     p.add_argument("--pretrained", action="store_true", help="download timm weights from the hub (needs network)")

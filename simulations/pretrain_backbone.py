@@ -1,6 +1,7 @@
-"""Regenerate the shipped pre-trained weights of the embedded ViT (common/weights/).
+"""Regenerate the shipped pre-trained weights of an embedded model (common/weights/).
 
     python -m simulations.pretrain_backbone                       # the fixed recipe -> common/weights/
+    python -m simulations.pretrain_backbone --model taskedge-resnet-tiny   # likewise the ResNet / MobileNetV2
     python -m simulations.pretrain_backbone --check               # only verify the shipped file's sha256
     python -m simulations.pretrain_backbone --steps 200 --out /tmp/w.safetensors   # a timing trial
 
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     from common import models as M
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=M.DEFAULT_MODEL, choices=sorted(M.EMBEDDED_WEIGHTS))
+    ap.add_argument("--model", default=M.DEFAULT_MODEL, choices=sorted(M.EMBEDDED_MODELS))
     ap.add_argument("--out", type=Path, default=None, help="default: the shipped file in common/weights/")
     ap.add_argument("--steps", type=int, default=None, help="override the recipe's steps (timing trials only)")
     ap.add_argument("--check", action="store_true", help="verify the shipped file's sha256 and exit")
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
-    fname, expected = M.EMBEDDED_WEIGHTS[args.model]
+    fname, expected = M.EMBEDDED_WEIGHTS.get(args.model, (f"{args.model}.safetensors", None))
     shipped = M.WEIGHTS_DIR / fname
     if args.check:
         got = M.sha256(shipped)

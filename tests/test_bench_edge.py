@@ -32,17 +32,18 @@ def test_step_live_peak_base_is_params_optimizer_and_batch():
 
 
 def test_flat_galore_trains_conv_weights_in_place():
-    bench_edge = pytest.importorskip("simulations.bench_edge")
+    from common import baselines
+
     try:
-        bench_edge.load_galore_adamw()
-    except bench_edge.MethodUnavailable:
+        baselines.load_galore_adamw()
+    except baselines.MethodUnavailable:
         pytest.skip("galore-torch not installed")
     torch.manual_seed(0)
     conv = nn.Conv2d(4, 6, 3, padding=1)
     dw = nn.Conv2d(6, 6, 3, padding=1, groups=6, bias=False)
     model = nn.Sequential(conv, dw, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     w0, d0 = conv.weight.detach().clone(), dw.weight.detach().clone()
-    opt = bench_edge.FlatGaLore([conv.weight, dw.weight], [conv.bias], 1e-2, rank=2, gap=10, scale=0.25)
+    opt = baselines.FlatGaLore([conv.weight, dw.weight], [conv.bias], 1e-2, rank=2, gap=10, scale=0.25)
     x, y = torch.randn(2, 4, 5, 5), torch.tensor([0, 1])
     for _ in range(2):
         train_step(model, opt, x, y)
@@ -59,7 +60,7 @@ def test_quick_mode_writes_json(tmp_path):
     out = tmp_path / "q.json"
     res = bench_edge.main(["--quick", "--json", str(out), "--png", str(tmp_path / "q.png")])
     data = json.loads(out.read_text())
-    rows = data["models"]["taskedge-mobilenet-tiny"]["methods"]
+    rows = data["models"]["taskedge-mobilenetv2-tiny"]["methods"]
     assert set(rows) == {"full", "taskedge"}
     for r in rows.values():
         assert r["trainable"] > 0 and r["peak_mb"] > r["base_mb"] > 0
@@ -69,4 +70,4 @@ def test_quick_mode_writes_json(tmp_path):
     assert rows["full"]["flops_torch_raw"] > rows["full"]["flops"]["total"]
     assert rows["taskedge"]["trainable"] < rows["full"]["trainable"]
     assert (tmp_path / "q.png").stat().st_size > 0
-    assert res["models"]["taskedge-mobilenet-tiny"]["peft_depthwise"][0]["adapter_over_base"] > 1
+    assert res["models"]["taskedge-mobilenetv2-tiny"]["peft_depthwise"][0]["adapter_over_base"] > 1

@@ -287,3 +287,24 @@ def test_gradient_replies_are_validated(weights, tmp_path):
     with pytest.raises(validate.BadReply, match="records"):
         validate.stats_reply(Message(content, reply_to=out), shapes, rows, cfg.calib_size, max_examples(cfg), None,
                              gshapes)
+
+
+@pytest.mark.parametrize("method", ["taskedge", "fedlora"])
+def test_federation_on_the_embedded_mobilenetv2(tmp_path, method):
+    """The depthwise CNN federates: TaskEdge masks its depthwise convs too; peft LoRA leaves the depthwise
+    convs it refuses frozen (instead of failing), and the upload is the float32 arrays of what trains."""
+    cfg = _cfg("", tmp_path, method=method, model="taskedge-mobilenetv2-tiny", num_server_rounds=1,
+               fraction_evaluate=0.0, budget=0.02, lora_rank=4)
+    grid, fed, summary = _run(cfg, nodes=2)
+    assert summary["rounds"] == 1
+    entries = sum(v.size for v in fed.arrays.values())
+    assert 4 * entries <= summary["upload_bytes_per_client_round"] <= 4 * entries + 256 * len(fed.arrays) + 256
+    model = create_model("taskedge-mobilenetv2-tiny", num_classes=10)
+    depthwise = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert depthwise
+    if method == "fedlora":
+        assert not any(n + ".lora_" in k for n in depthwise for k in fed.arrays)
+        assert any("lora_A" in k for k in fed.arrays)
+    else:
+        mask = fed.mask
+        assert any(mask.indices[n].numel() > 0 for n in depthwise if n in mask.indices)

@@ -149,18 +149,29 @@ def test_embedded_vit_has_taskedge_targets():
 def test_embedded_models_are_registered_with_timm():
     import timm
 
-    assert timm.is_model("taskedge_vit_tiny") and timm.is_model("taskedge_mobilenet_tiny")
+    assert all(timm.is_model(n) for n in ("taskedge_vit_tiny", "taskedge_resnet_tiny", "taskedge_mobilenetv2_tiny"))
     model = M.create_model("taskedge_vit_tiny", num_classes=2)  # timm spelling works too
     assert model.patch_embed.proj.kernel_size == (8, 8) and len(model.blocks) == 4
 
 
-def test_embedded_mobilenet_builds():
-    model = M.create_model("taskedge-mobilenet-tiny", num_classes=4)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
-    assert find_head(model) == "head"
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+def test_embedded_cnns_are_timm_classes():
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.resnet import ResNet
+
+    resnet = M.create_model("taskedge-resnet-tiny", num_classes=4)
+    assert isinstance(resnet, ResNet) and find_head(resnet) == "fc"
+    assert resnet(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    assert all(c.groups == 1 for c in resnet.modules() if isinstance(c, nn.Conv2d))
+    # stages at 16, 8, 4, 2 pixels: the stem's max-pool is dropped
+    assert resnet.forward_features(torch.zeros(1, 3, 32, 32)).shape[-1] == 2
+
+    mnv2 = M.create_model("taskedge-mobilenetv2-tiny", num_classes=4)
+    assert isinstance(mnv2, EfficientNet) and find_head(mnv2) == "classifier"
+    assert mnv2(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    convs = [m for m in mnv2.modules() if isinstance(m, nn.Conv2d)]
     assert any(c.groups == c.in_channels > 1 for c in convs)  # depthwise
     assert any(c.kernel_size == (1, 1) for c in convs)  # pointwise
+    assert sum(p.numel() for p in mnv2.parameters()) < sum(p.numel() for p in resnet.parameters())
 
 
 def test_any_timm_name_works():
