@@ -234,10 +234,13 @@ class LiveTensorPeak(torch.utils._python_dispatch.TorchDispatchMode):
     aten op (none in a training step) would be missed. Allocator-independent: the figure is the
     tensor bytes, not what the caching allocator reserves."""
 
-    def __init__(self, base: int = 0):
+    def __init__(self, base: int = 0, known: Iterable[int] = ()):
         super().__init__()
         self.live = self.peak = int(base)
         self._refs: dict[int, object] = {}
+        # storages already counted in ``base`` (data pointers): an op returning a view of one of them
+        # (``weight.detach()``, ``param.view(...)``) allocates nothing and must not count it again
+        self._known = set(known)
 
     def _free(self, key: int, nb: int) -> None:
         if self._refs.pop(key, None) is not None:
@@ -249,7 +252,7 @@ class LiveTensorPeak(torch.utils._python_dispatch.TorchDispatchMode):
         except (RuntimeError, NotImplementedError, TypeError):
             return
         key = st.data_ptr()
-        if not key or key in self._refs:
+        if not key or key in self._refs or key in self._known:
             return
         nb = st.nbytes()
         import weakref
@@ -273,8 +276,11 @@ def step_live_peak(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, floo
     ``peak`` = base + the largest simultaneous total of what the step allocates."""
     if opt is not None:
         opt.zero_grad(set_to_none=True)
-    base = (sum(model_storages(model).values()) + optimizer_state_bytes(opt) + int(extra_state)
-            + sum(_by_storage([x, y]).values()))
-    with LiveTensorPeak(base) as meter:
+    own = model_storages(model)
+    opt_state = {} if opt is None else _by_storage(v for st in opt.state.values() for v in st.values()
+                                                   if torch.is_tensor(v))
+    batch = _by_storage([x, y])
+    base = sum(own.values()) + sum(opt_state.values()) + int(extra_state) + sum(batch.values())
+    with LiveTensorPeak(base, known=set(own) | set(opt_state) | set(batch)) as meter:
         train_step(model, opt, x, y, floor)
     return {"base": base, "peak": meter.peak}

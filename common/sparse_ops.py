@@ -475,9 +475,7 @@ def conv_value_grad(xs, dy, wshape, pad, stride, dilation, ch, ent_o, ent_uv, o_
     else:
         idx, valid = _conv_gather_index(xs.shape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order)
         xf = xs.reshape(n_b, -1)
-    # a temporary of at most _CHUNK elements and no larger than the saved input it reads (on a small
-    # model a fixed 4 MiB temporary would set the step's peak memory)
-    n_per = max(1, min(_CHUNK, xf.numel()) // (e * p))
+    n_per = max(1, _CHUNK // (e * p))
     acc = None
     for s in range(0, n_b, n_per):
         bb = _cols(xf[s:s + n_per], idx).view(-1, e, p)  # (n, E, P)

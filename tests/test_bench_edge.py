@@ -71,3 +71,30 @@ def test_quick_mode_writes_json(tmp_path):
     assert rows["taskedge"]["trainable"] < rows["full"]["trainable"]
     assert (tmp_path / "q.png").stat().st_size > 0
     assert res["models"]["taskedge-mobilenetv2-tiny"]["peft_depthwise"][0]["adapter_over_base"] > 1
+
+
+def test_live_peak_does_not_count_views_of_known_storages_again():
+    a = torch.ones(1024, 256)  # 1 MiB that the base already holds
+    ptr = a.untyped_storage().data_ptr()
+    with LiveTensorPeak(100, known={ptr}) as m:
+        a.detach().view(-1).add_(1)  # views and in-place updates of a counted storage: nothing new
+        b = a * 2  # a genuinely new 1 MiB
+        del b
+    assert m.peak == 100 + 1024 * 1024 and m.live == 100
+
+
+def test_step_live_peak_counts_a_taskedge_weight_once():
+    """TaskEdge's forward patches the frozen weight through `weight.detach()`: a view of a parameter the
+    base already holds, which must not be counted a second time (it was: +1 weight per wrapped layer)."""
+    from common.config import TaskEdgeConfig
+    from common.tuner import get_taskedge_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))
+    x, y = torch.randn(4, 512), torch.randint(0, 4, (4,))
+    model, _ = get_taskedge_model(model, TaskEdgeConfig(budget=0.001), [(x, y)])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train_step(model, opt, x, y)
+    r = step_live_peak(model, opt, x, y)
+    weight = 512 * 512 * 4
+    assert r["peak"] - r["base"] < weight // 4  # a few activations and small gradients, not another weight
