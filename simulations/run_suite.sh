@@ -6,6 +6,7 @@
 #                                      and TaskEdge budgets vs LoRA ranks (central)
 #   3. simulations/bench_federation.py the federated benchmark (+ budget vs rank, federated)
 #   4. simulations/figures.py          PNGs + the README results table
+#   5. simulations/edge_suite.py       the edge PEFT benchmark (ViT / ResNet / MobileNetV2; its own README table)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -18,3 +19,4 @@ $PY -c "from simulations.central import warm_cache; warm_cache()"
 [ -s results/bench_federation.json ] || $PY -m simulations.bench_federation --workers "$W" --budget-sweep \
     --cache results/bench_runs.jsonl
 [ -n "${SKIP_FIGURES:-}" ] || $PY -m simulations.figures
+[ -s results/edge_suite.json ] || $PY -m simulations.edge_suite --workers "$W"
