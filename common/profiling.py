@@ -87,12 +87,17 @@ def saved_tensor_meter(exclude: Iterable[int] = ()):
         yield seen
 
 
-def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
-    """Bytes of the tensors in the optimizer's per-parameter state (AdamW: exp_avg, exp_avg_sq and
-    the step counter), each storage once."""
+def optimizer_storages(opt: torch.optim.Optimizer | None) -> dict[int, int]:
+    """{data_ptr: nbytes} of the tensors in the optimizer's per-parameter state (AdamW: exp_avg,
+    exp_avg_sq and the step counter)."""
     if opt is None:
-        return 0
-    return sum(_by_storage(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)).values())
+        return {}
+    return _by_storage(v for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer | None) -> int:
+    """Bytes of the optimizer's per-parameter state, each storage once."""
+    return sum(optimizer_storages(opt).values())
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer | None, x: torch.Tensor, y: torch.Tensor,
@@ -277,8 +282,7 @@ def step_live_peak(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, floo
     if opt is not None:
         opt.zero_grad(set_to_none=True)
     own = model_storages(model)
-    opt_state = {} if opt is None else _by_storage(v for st in opt.state.values() for v in st.values()
-                                                   if torch.is_tensor(v))
+    opt_state = optimizer_storages(opt)
     batch = _by_storage([x, y])
     base = sum(own.values()) + sum(opt_state.values()) + int(extra_state) + sum(batch.values())
     with LiveTensorPeak(base, known=set(own) | set(opt_state) | set(batch)) as meter:

@@ -33,7 +33,7 @@ class FeatureStats:
         self.module = module
         self._ss = torch.zeros(shape, dtype=torch.float64)
         self._maps: dict[tuple[int, int], torch.Tensor] = {}  # Conv2d: input (H, W) -> pending summed map
-        self._out: dict[tuple[int, int], int] = {}  # Conv2d: input (H, W) -> output positions per sample
+        self._out: dict[tuple[int, int], tuple[int, int]] = {}  # Conv2d: input (H, W) -> output (Ho, Wo)
         self._linear = isinstance(module, nn.Linear)
         self.n = 0
 
@@ -57,10 +57,9 @@ class FeatureStats:
         m = self.module
         (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
         pad = m._reversed_padding_repeated_twice
-        for s in self._maps.values():
+        for key, s in self._maps.items():
             s = F.pad(s, pad) if any(pad) else s
-            ho = (s.shape[1] - dh * (kh - 1) - 1) // sh + 1
-            wo = (s.shape[2] - dw * (kw - 1) - 1) // sw + 1
+            ho, wo = self._out_hw(key)
             out = torch.stack([s[:, u * dh: u * dh + sh * (ho - 1) + 1: sh, v * dw: v * dw + sw * (wo - 1) + 1: sw].sum((1, 2))
                                for u in range(kh) for v in range(kw)], 1)
             self._ss += out.reshape(m.in_channels, kh, kw).cpu()
@@ -87,18 +86,19 @@ class FeatureStats:
             self._maps[key] = s.double()
         else:
             acc += s
-        self.n += x.shape[0] * self._positions(key)
+        ho, wo = self._out_hw(key)
+        self.n += x.shape[0] * ho * wo
 
-    def _positions(self, key: tuple[int, int]) -> int:
-        """Output positions per sample of the Conv2d for an (H, W) input (cached per shape)."""
-        p = self._out.get(key)
-        if p is None:
+    def _out_hw(self, key: tuple[int, int]) -> tuple[int, int]:
+        """The Conv2d's output (height, width) for an unpadded (H, W) input (cached per shape)."""
+        hw = self._out.get(key)
+        if hw is None:
             m = self.module
             (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
             l, r, t, b = m._reversed_padding_repeated_twice
-            p = ((key[0] + t + b - dh * (kh - 1) - 1) // sh + 1) * ((key[1] + l + r - dw * (kw - 1) - 1) // sw + 1)
-            self._out[key] = p
-        return p
+            hw = ((key[0] + t + b - dh * (kh - 1) - 1) // sh + 1, (key[1] + l + r - dw * (kw - 1) - 1) // sw + 1)
+            self._out[key] = hw
+        return hw
 
     def norm(self) -> torch.Tensor:
         """Per-feature L2 norm normalised by rows, sqrt(ss / n) (float32)."""

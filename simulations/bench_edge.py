@@ -64,6 +64,7 @@ from common import flops as flopslib
 from common import profiling
 from common.config import TaskEdgeConfig
 from common.models import create_model
+from common.train import make_optimizer
 from common.tuner import collect_norms, get_taskedge_model, target_modules
 
 MIB = profiling.MIB
@@ -83,9 +84,9 @@ FlatGaLore = baselines.FlatGaLore
 
 # --- setup -------------------------------------------------------------------------------------
 
-def make_model(name: str, num_classes: int, seed: int, pretrained: bool = False) -> nn.Module:
+def make_model(name: str, num_classes: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return create_model(name, num_classes=num_classes, pretrained=pretrained, **MODELS.get(name, (0, {}))[1]).float()
+    return create_model(name, num_classes=num_classes, **MODELS.get(name, (0, {}))[1]).float()
 
 
 def _depthwise_names(model: nn.Module) -> list[str]:
@@ -95,7 +96,7 @@ def _depthwise_names(model: nn.Module) -> list[str]:
 def setup_method(method: str, args, model_name: str, calib, lrs: tuple[float, float] = (1e-3, 1e-3)):
     """(model, optimizer, trainable scalars, notes), built by `common.baselines` (the accuracy runs'
     code). Raises MethodUnavailable where it cannot run. ``lrs``: (body / adapter / delta, head)."""
-    model = make_model(model_name, args.num_classes, args.seed, getattr(args, "pretrained", False))
+    model = make_model(model_name, args.num_classes, args.seed)
     notes: dict = {}
     lr, head_lr = lrs
     if method in ("linear", "bn_head", "bitfit", "full"):
@@ -114,13 +115,8 @@ def setup_method(method: str, args, model_name: str, calib, lrs: tuple[float, fl
     else:
         raise ValueError(method)
     model.train()
-    head_ids = set(map(id, baselines.head_parameters(model.get_base_model() if hasattr(model, "get_base_model")
-                                                     else model)))
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) not in head_ids], "lr": lr},
-              {"params": [p for p in params if id(p) in head_ids], "lr": head_lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr) if params else None
-    return model, opt, sum(p.numel() for p in params), notes
+    opt = make_optimizer(model, lr, weight_decay=0.01, head_lr=head_lr)  # AdamW's default decay, as before
+    return model, opt, sum(p.numel() for p in model.parameters() if p.requires_grad), notes
 
 
 def peft_depthwise_probe(model_name: str, args) -> list[dict]:
@@ -222,53 +218,6 @@ def bench_model(model_name: str, methods: list[str], args) -> dict:
     return out
 
 
-# --- short accuracy runs ------------------------------------------------------------------------
-
-# (body / adapter / delta lr, head lr): common/defaults.json's tuned values where the method has one
-# (taskedge, fedlora -> lora/dora, fedavg-full -> full/galore, head-only -> linear), the head-only
-# values for the other head-plus-few-parameters methods
-ACC_LRS = {"linear": (1e-2, 1e-2), "bn_head": (1e-2, 1e-2), "bitfit": (1e-2, 1e-2), "full": (1e-3, 3e-3),
-           "lora": (3e-3, 3e-3), "dora": (3e-3, 3e-3), "galore": (1e-3, 3e-3), "taskedge": (1e-2, 1e-2)}
-
-
-def accuracy_runs(args, methods: list[str]) -> dict:
-    """SHORT centralised fine-tunes of the pre-trained embedded ViT on suite tasks: ``--acc-epochs``
-    epochs over the task's train split, batch 32, test accuracy, ``--acc-seeds`` seeds (mean ± sd).
-    Not tuned per method beyond ACC_LRS; a cost-benchmark side result, not a converged comparison."""
-    from common.data import get_task, make_split
-    from common.train import batches, evaluate, train_epochs
-
-    out = {}
-    for task in [t.strip() for t in args.accuracy.split(",") if t.strip()]:
-        spec = get_task(task)
-        x, y = make_split(spec, "train")
-        xe, ye = make_split(spec, "test")
-        xc = make_split(spec, "calib", n=256)[0]
-        rows = {}
-        for m in methods:
-            if m == "lora_dw":
-                continue
-            accs = []
-            for seed in range(args.acc_seeds):
-                a = argparse.Namespace(**{**vars(args), "num_classes": spec.num_classes, "pretrained": True,
-                                          "seed": seed})
-                calib = list(batches(xc, xc[:, 0, 0, 0], 64, shuffle=False))
-                model, opt, _n, _ = setup_method(m, a, args.acc_model, calib, ACC_LRS[m])
-                torch.manual_seed(seed)
-                train_epochs(model, x, y, epochs=args.acc_epochs, batch_size=32, lr=ACC_LRS[m][0], seed=seed,
-                             optimizer=opt)
-                accs.append(evaluate(model, xe, ye)["acc"])
-                del model, opt
-            mean = statistics.fmean(accs)
-            sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-            rows[m] = {"acc_mean": mean, "acc_sd": sd, "accs": accs, "lr_body_head": list(ACC_LRS[m])}
-            print(f"[accuracy {task}] {m}: {mean:.3f} ± {sd:.3f} {accs}", file=sys.stderr, flush=True)
-        out[task] = {"model": args.acc_model, "pretrained": "embedded upstream weights", "epochs": args.acc_epochs,
-                     "train_examples": len(x), "test_examples": len(xe), "seeds": args.acc_seeds,
-                     "methods": rows}
-    return out
-
-
 # --- output ------------------------------------------------------------------------------------
 
 def table(result: dict) -> str:
@@ -283,11 +232,6 @@ def table(result: dict) -> str:
             lines.append(f"| {model} | {m} | {r['trainable']:,} ({r['trainable_pct']:.2f}%) | {r['peak_mb']:.1f} | "
                          f"{r['gflops']:.3f} ({r['flops_torch_raw'] / 1e9:.3f}) | "
                          f"{r['step_ms']:.1f} [{r['step_ms_min']:.1f}–{r['step_ms_max']:.1f}] |")
-    for task, t in result.get("accuracy_short", {}).items():
-        lines += ["", (f"SHORT fine-tune ({t['epochs']} epochs, {t['train_examples']} examples, {t['seeds']} seeds, "
-                       f"pre-trained {t['model']}) on `{task}`: test accuracy mean ± sd"), "",
-                  "| method | accuracy |", "|---|---|"]
-        lines += [f"| {m} | {r['acc_mean']:.3f} ± {r['acc_sd']:.3f} |" for m, r in t["methods"].items()]
     return "\n".join(lines)
 
 
@@ -342,11 +286,6 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dw-probe", type=int, default=3, help="depthwise convs probed with peft (0 = off)")
-    p.add_argument("--accuracy", default="", help="comma list of suite tasks for SHORT fine-tunes ('' = off)")
-    p.add_argument("--acc-model", default="taskedge-vit-tiny", help="pre-trained model of the accuracy runs")
-    p.add_argument("--acc-epochs", type=int, default=2)
-    p.add_argument("--acc-seeds", type=int, default=2)
-    p.add_argument("--no-cost", action="store_true", help="accuracy runs only")
     p.add_argument("--importance-reps", type=int, default=5,
                    help="TaskEdge statistics pass vs plain forward, interleaved reps (0 = off)")
     p.add_argument("--quick", action="store_true", help="one model, two methods, 3 reps")
@@ -375,10 +314,8 @@ def run(args) -> dict:
         "memory": "simultaneous peak of live tensor bytes over one step (common.profiling.step_live_peak)",
         "flops": "common.flops.step_flops: torch FlopCounterMode, grouped-conv weight grad / groups, "
                  "TaskEdge value grad 2*T*E, AdamW 14/state element; SVD not counted"}}
-    for name in ([] if args.no_cost else [m.strip() for m in args.models.split(",") if m.strip()]):
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         res["models"][name] = bench_model(name, methods, args)
-    if args.accuracy:
-        res["accuracy_short"] = accuracy_runs(args, methods)
     res["settings"]["loadavg_end"] = os.getloadavg()[0]
     return res
 

@@ -171,25 +171,20 @@ def sweeps(models, rates, tasks, seeds, epochs, workers, cache) -> dict:
 
 
 def upload_bytes(models, num_classes: int = 10) -> dict:
-    """Bytes a client uploads per round (float32 arrays of common.methods.get_arrays) per federated method."""
-    from common.config import TaskEdgeConfig
+    """Bytes a client uploads per round (float32 arrays of common.methods.get_arrays) per federated method,
+    each model built as the accuracy runs build it (`central.prepare`, calibrated on 64 examples)."""
     from common.data import make_split
-    from common.methods import MASK_METHODS, base_model, build, get_arrays
-    from common.train import batches
-    from common.tuner import build_mask, calibrate
+    from common.methods import base_model, get_arrays
+    from simulations.central import prepare
 
+    calib = make_split(UNSEEN, "calib", n=64)
     out = {}
     for m in models:
         out[m] = {}
         for label, method in FED_METHODS.items():
-            base = base_model(m, num_classes)
-            tcfg = TaskEdgeConfig(budget=BUDGET)
-            mask = None
-            if method in MASK_METHODS:
-                xc, yc = make_split("shapes-downstream", "calib", n=64)
-                mask = build_mask(base, tcfg, *calibrate(base, tcfg, batches(xc, yc, 64, shuffle=False)))
-            arrays = get_arrays(method, build(method, base, tcfg, mask, RANK))
-            out[m][label] = int(sum(a.nbytes for a in arrays.values()))
+            run = Run(UNSEEN, method, 0.0, 0.0, budget=BUDGET, lora_rank=RANK, model=m)
+            model, _ = prepare(run, base_model(m, num_classes), calib)
+            out[m][label] = int(sum(a.nbytes for a in get_arrays(method, model).values()))
     return out
 
 
