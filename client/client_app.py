@@ -21,7 +21,7 @@ from common.partition import node_data
 from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
 from common.wire import put, take
 
-from .privacy import privacy_mods
+from .privacy import RANK_FLOOR, privacy_mods
 
 
 def _config(msg: Message, context: Context) -> AppConfig:
@@ -32,8 +32,10 @@ def _config(msg: Message, context: Context) -> AppConfig:
     return cfg
 
 
-def _rank(cfg: AppConfig, context: Context) -> int:
-    return int(context.node_config.get("budget-rank", cfg.ranks_for(int(context.node_config.get("partition-id", 0)))))
+def _rank(cfg: AppConfig, context: Context, conf: ConfigRecord | None = None) -> int:
+    """This node's budget rank; a secure round may raise it (`RANK_FLOOR`: rank groups of >= 3 nodes)."""
+    own = int(context.node_config.get("budget-rank", cfg.ranks_for(int(context.node_config.get("partition-id", 0)))))
+    return max(own, int(conf.get(RANK_FLOOR, 0))) if conf is not None else own
 
 
 def _arrays(record: ArrayRecord) -> dict:
@@ -54,7 +56,7 @@ def _model(msg: Message, context: Context, cfg: AppConfig):
             raise RuntimeError(f"this node holds no mask version {version} (it joined after the mask phase or "
                                f"lost its state); the server must resend it")
         mask, positions = node_mask(cfg.method, Mask.from_arrays(_arrays(context.state["mask"])),
-                                    _rank(cfg, context))
+                                    _rank(cfg, context, msg.content["config"]))
     model = method_model(cfg, mask)
     set_arrays(cfg.method, model, take(received, positions))
     return model, received, positions

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.metadata import Metadata
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.mod import fixedclipping_mod
@@ -32,6 +32,7 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from common.privacy import stats_contribution, train_contribution
 
 REQUEST = "secure-request"  # ConfigRecord of the server's real request inside the SecAgg+ collect stage
+RANK_FLOOR = "budget-rank-floor"  # config key: train at least this budget rank (a secure round's merged rank)
 
 
 def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -61,6 +62,8 @@ class SecureAggregationMod:
         req = msg.content.config_records[REQUEST]
         kind = str(req["message-type"])
         content = RecordDict({k: v for k, v in msg.content.items() if k not in (RECORD_KEY_CONFIGS, REQUEST)})
+        if "budget-rank" in req and "config" in content:  # the round's rank: groups of >= 3 (server/secure.py)
+            content["config"] = ConfigRecord({**dict(content["config"].items()), RANK_FLOOR: int(req["budget-rank"])})
         md = msg.metadata
         inner = Message(content, metadata=Metadata(run_id=md.run_id, message_id=md.message_id,
                                                    src_node_id=md.src_node_id, dst_node_id=md.dst_node_id,

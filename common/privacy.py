@@ -59,6 +59,29 @@ def train_contribution(received: Mapping[str, np.ndarray], trained: Mapping[str,
     return [weight * u for u in update] + [slots, aux]
 
 
+def merge_ranks(ranks: Mapping[int, int], min_group: int = 3) -> dict[int, int]:
+    """Budget ranks for a secure sum in which every rank group has >= `min_group` nodes.
+
+    Each rank's weights are summed in a slot of their own, so a lone node of a rank would be readable
+    from its slot and from the entries only its rank trains. A group that is too small joins the next
+    larger rank (a smaller sub-mask, which any node can train); a too-small group left at the largest
+    rank pulls the group below it up. Nodes are never moved to a smaller rank (a larger sub-mask than
+    the device's budget). With fewer than `min_group` nodes in all, everyone gets the largest rank."""
+    order = sorted(set(ranks.values()))
+    groups: list[tuple[int, list[int]]] = []
+    pending: list[int] = []
+    for r in order:
+        pending += sorted(n for n, rr in ranks.items() if rr == r)
+        if len(pending) >= min_group:
+            groups.append((r, pending))
+            pending = []
+    if pending:
+        last = max(ranks[n] for n in pending)
+        members = pending + (groups.pop()[1] if groups else [])
+        groups.append((last, members))
+    return {n: r for r, members in groups for n in members}
+
+
 def train_shapes(arrays: Mapping[str, np.ndarray], num_slots: int) -> list[tuple[int, ...]]:
     """The shapes of a training contribution (what the server checks masked vectors against)."""
     return [tuple(np.shape(v)) for v in arrays.values()] + [(num_slots,), (3,)]
@@ -113,6 +136,23 @@ def stats_contribution(stats: Mapping[str, np.ndarray], modules: Sequence[str], 
                   for m in modules], np.float64)
     parts, clipped = clip_norm([wm * v for wm, v in zip(w, ms)], bound)
     return parts + [c * w, np.array([c * float(clipped)])]
+
+
+def clip_stats(stats: Mapping[str, np.ndarray], modules: Sequence[str], max_rows: Mapping[str, int],
+               bound: float) -> tuple[dict[str, np.ndarray], bool]:
+    """One node's statistics with the clip of `stats_contribution` (weighted): its vector of n/N x mean
+    squares scaled to norm <= bound, back in the wire form (ss, n). Under the bound: returned unchanged,
+    so pooling honest nodes stays exact; over it, one node's pull on the pooled statistic is at most
+    `bound` per module set, whatever sums of squares it claims."""
+    parts = stats_contribution(stats, modules, max_rows, bound, 1.0, weighted=True)
+    clipped = bool(parts[-1][0])
+    if not clipped:
+        return dict(stats), False
+    out = dict(stats)
+    for m, part, w in zip(modules, parts, parts[len(modules)]):
+        n = int(np.asarray(stats[f"{m}.n"]).reshape(-1)[0])
+        out[f"{m}.ss"] = np.asarray(part, np.float64) / w * n  # w > 0: n >= 1 row
+    return out, True
 
 
 def stats_shapes(shapes: Mapping[str, tuple[int, ...]], modules: Sequence[str]) -> list[tuple[int, ...]]:

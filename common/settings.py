@@ -282,6 +282,11 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
     if thr > 1 and shares > 1 and thr >= shares:
         raise _bad("secagg-reconstruction-threshold", f"a count must be < secagg-num-shares={int(shares)}", thr)
     private = cfg["secure-aggregation"] or cfg["dp"] != "none"
+    if cfg["dp"] != "none" and cfg["clip-norm"] > 0 and cfg["clip-norm"] != cfg["dp-clip-norm"]:
+        # the accountant's sensitivity is dp-clip-norm: a second, different clip in front of the noise either
+        # does nothing or changes what the noise was calibrated to (clip-factor's adaptive bound is not used)
+        raise _bad("clip-norm", f"with dp the one clip in front of the noise is dp-clip-norm="
+                   f"{cfg['dp-clip-norm']:g}; set clip-norm=0 or equal to dp-clip-norm", cfg["clip-norm"])
     if cfg["secure-aggregation"]:
         if cfg["dp"] == "server":
             raise _bad("dp", "server-side clipping needs every update in the clear; with secure-aggregation use "

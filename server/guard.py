@@ -7,6 +7,12 @@ per node, exact keys, dtype, shape, finite values, a sane example count (server/
 A bad reply is dropped with a reason in the run's results; with fewer than `min-replies` valid
 replies the round is skipped and the global state stays as it was. It wraps any Strategy, like
 Flower's DP wrappers do, so it composes with them: `ReplyGuard(DifferentialPrivacy…(strategy))`.
+A node on a smaller budget rank (nested masks, `positions`) sends the whole packed vector back; every
+entry outside its sub-mask must come back exactly as sent, or the reply is refused before any clipping
+measures it (a rank-1 node writing 0.5 outside its sub-mask inflated its norm 6x and shrank its real
+update under the adaptive clip).
+In a DP run (`private`) each reply's metrics are cut to its weight before anything aggregates or logs
+them: a client's training loss and accuracy are un-noised functions of its data.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.wire import PACKED
+
 from . import validate
 from .messages import content_bytes, match_replies, message_bytes
 from .recorder import RoundLog
@@ -24,8 +32,11 @@ from .recorder import RoundLog
 
 class ReplyGuard(Strategy):
     def __init__(self, strategy: Strategy, log: RoundLog, min_replies: int = 1, max_examples: int = 10**9,
-                 on_failure: Callable[[int], None] | None = None):
+                 on_failure: Callable[[int], None] | None = None, private: bool = False,
+                 positions: Callable[[int], np.ndarray | None] | None = None):
         self.strategy, self.log, self.min_replies, self.max_examples = strategy, log, min_replies, max_examples
+        self.private, self.positions = private, positions
+        self._packed: np.ndarray | None = None
         self.on_failure = on_failure  # e.g. MaskDelivery.forget: a failed node may have lost its state
         self._sent: list[Message] = []
         self._specs: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -61,6 +72,7 @@ class ReplyGuard(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._specs = {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
+        self._packed = arrays[PACKED].numpy() if self.positions is not None and PACKED in arrays else None
         msgs = self._book(self.strategy.configure_train(server_round, arrays, config, grid), "")
         entries = sum(int(np.prod(s)) for s, _ in self._specs.values())
         self.log.set(sent=len(msgs), bytes_down_per_client=float(np.mean([content_bytes(m.content) for m in msgs]))
@@ -68,7 +80,7 @@ class ReplyGuard(Strategy):
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self._valid(replies, "training", lambda r: validate.train_reply(r, self._specs, self.max_examples))
+        valid = self._valid(replies, "training", self._train_reply)
         valid = [v for v in valid if v[2][1] > 0]  # a reply of 0 examples is valid but carries no weight
         self.log.set(replies=len(valid), bytes_up_per_client=float(np.mean([message_bytes(r) for _, r, _ in valid]))
                      if valid else 0.0)
@@ -77,6 +89,9 @@ class ReplyGuard(Strategy):
                           self.min_replies)
             self.log.set(skipped=True)
             return None, None
+        if self.private:
+            for _, reply, (_, n, _) in valid:
+                reply.content["metrics"] = MetricRecord({"num-examples": n})
         try:
             arrays, metrics = self.strategy.aggregate_train(server_round, [r for _, r, _ in valid])
         except Exception as exc:  # noqa: BLE001 - the global state stays as it was
@@ -86,6 +101,13 @@ class ReplyGuard(Strategy):
         if metrics is not None:
             self.log.set(train_loss=metrics.get("train-loss"), train_acc=metrics.get("train-acc"))
         return arrays, metrics
+
+    def _train_reply(self, reply: Message):
+        checked = validate.train_reply(reply, self._specs, self.max_examples)
+        pos = self.positions(reply.metadata.src_node_id) if self._packed is not None else None
+        if pos is not None:
+            validate.within_submask(checked[0][PACKED], self._packed, pos)
+        return checked
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 
 from common.allocation import Mask
 from common.methods import base_model
+from common.privacy import clip_stats
 from common.settings import AppConfig
 from common.stats import collect_stats
 from common.tuner import target_modules
@@ -84,11 +85,27 @@ def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog
         stats.append(st)
         votes.append(vt)
     log.info("Statistics phase: %d/%d valid replies", len(stats), len(nodes))
+    stats = _bounded_stats(stats, shapes, rows, cfg, log)
     if len(stats) < cfg.min_replies:
         return None
     if cfg.reconcile == "vote":
         return vote_mask(base, tcfg, stats, votes)
     return stats_mask(base, tcfg, stats, cfg.stats_aggregation)
+
+
+def _bounded_stats(stats: list[dict], shapes: dict, rows: dict, cfg: AppConfig, log: RoundLog) -> list[dict]:
+    """Every node's statistics under the clip the secure and DP statistics use (`stats-clip-norm` on its
+    n/N-weighted mean-square vector): one node's claimed sums of squares no longer decide the pooled mask
+    (valid-looking values up to 1e24 x rows did); honest nodes under the bound are untouched."""
+    modules = sorted(shapes)
+    max_rows = {m: rows[m] * cfg.calib_size for m in modules}
+    out = [clip_stats(st, modules, max_rows, cfg.stats_clip_norm) for st in stats]
+    clipped = sum(c for _, c in out)
+    log.set(stats_clipped=clipped)
+    if clipped:
+        log.info("Statistics phase: %d of %d nodes' statistics clipped to stats-clip-norm=%g (raise it if this "
+                 "model's activations are large and every node is clipped)", clipped, len(out), cfg.stats_clip_norm)
+    return [st for st, _ in out]
 
 
 class MaskDelivery:
@@ -130,7 +147,10 @@ class MaskDelivery:
 
     def positions(self, node: int):
         """Positions of the node's entries in the packed vector (None: it trains the whole mask)."""
-        rank = self.ranks.get(node, 0)
+        return self.rank_positions(self.ranks.get(node, 0))
+
+    def rank_positions(self, rank: int):
+        """Positions in the packed vector that budget rank `rank` trains (None: the whole mask)."""
         if rank not in self._positions:
             self._positions[rank] = nested(self.mask, rank)[1]
         return self._positions[rank]

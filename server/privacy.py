@@ -269,7 +269,7 @@ class Privacy:
                 self.accountant.compose(event)
             self.record()
         self.pooled, info = stats_pooled(sums, modules, max_rows, bound, weighted, noise)
-        log.set(stats_nodes=count, stats_clipped=info["clipped"])
+        log.set(stats_nodes=count, **({} if self.dp else {"stats_clipped": info["clipped"]}))  # DP: un-noised count
         return stats_mask(base, tcfg, [self.pooled], "sum")
 
 

@@ -7,6 +7,12 @@ update norm of the round — adaptive, so no scale has to be guessed, but an ada
 holds with at least 3 replies (with 2, the median is the mean of the two). The bound and how many
 replies it clipped go into the round's record. Flower's DP wrappers clip too, but with a fixed norm
 only and always together with noise; this is the robustness-only part, with Flower's own clip.
+
+In a DP run (`private=True`) the bound is pinned to the fixed `dp-clip-norm` (server/runner.py): a
+data-dependent bound in front of the noise would void the sensitivity the accountant assumes (with
+norms [1, 1, 1, 10, 10] removing one small client moved a 3 x median bound from 3 to 16.5). Nor does a
+private run record how many replies were clipped or the largest norm: both are un-noised functions of
+single clients' data.
 """
 from __future__ import annotations
 
@@ -30,8 +36,12 @@ def _norm(arrays: list[np.ndarray], current: list[np.ndarray]) -> float:
 
 
 class UpdateClipping(Strategy):
-    def __init__(self, strategy: Strategy, log: RoundLog, clip_norm: float = 0.0, clip_factor: float = 3.0):
+    def __init__(self, strategy: Strategy, log: RoundLog, clip_norm: float = 0.0, clip_factor: float = 3.0,
+                 private: bool = False):
+        if private and not clip_norm > 0:
+            raise ValueError("a private (DP) run clips at a fixed bound only: clip_norm must be > 0")
         self.strategy, self.log, self.clip_norm, self.clip_factor = strategy, log, clip_norm, clip_factor
+        self.private = private
         self._current: list[np.ndarray] = []
 
     def summary(self) -> None:
@@ -55,7 +65,10 @@ class UpdateClipping(Strategy):
                 reply.content[key] = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32))
                                                   for k, v in zip(rec.keys(), arrays)})
                 clipped += 1
-        self.log.set(clip_bound=bound, clipped=clipped, update_norm_max=max(norms, default=0.0))
+        if self.private:  # the bound is public; counts and norms of single clients are not
+            self.log.set(clip_bound=bound)
+        else:
+            self.log.set(clip_bound=bound, clipped=clipped, update_norm_max=max(norms, default=0.0))
         return self.strategy.aggregate_train(server_round, replies)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -20,7 +20,9 @@ from flwr.serverapp.strategy import Strategy
 
 from common.allocation import Mask
 from common.local import local_eval
-from common.methods import MASK_METHODS, carry_arrays, export, get_arrays, method_model, num_entries, set_arrays
+from common.data import get_task
+from common.methods import (MASK_METHODS, base_model, carry_arrays, export, get_arrays, method_model, num_entries,
+                            set_arrays)
 from common.partition import server_test_split
 from common.settings import AppConfig
 
@@ -131,7 +133,12 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     if delivery is None:
         fed.arrays = get_arrays(cfg.method, method_model(cfg))
     elif ck is None:
-        _reconcile(grid, fed, delivery, log, nodes, privacy)
+        try:
+            _reconcile(grid, fed, delivery, log, nodes, privacy)
+        except PrivacyBudgetExhausted as exc:  # not even the statistics release fits max-epsilon
+            privacy.stopped = f"stopped before training: {exc}"
+            log.info("Privacy budget: %s", privacy.stopped)
+            return _stop_before_training(fed, log, privacy)
     else:
         fed.mask, fed.mask_version = ck.mask, ck.mask_version
         delivery.install(ck.mask, ck.mask_version)
@@ -142,13 +149,21 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     if delivery is not None:
         delivery.ensure(grid, connected(done + 1))  # the mask phase: also tells each node's budget rank
     nested = cfg.method == "taskedge" and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks))
-    strategy = make_strategy(cfg, delivery, nested)
+    evaluate = cfg.fraction_evaluate > 0 and not privacy.active
+    if cfg.fraction_evaluate > 0 and privacy.active:
+        log.info("Federated evaluation is off with %s: each node's loss, accuracy and test-split size would reach "
+                 "the server in the clear (fraction-evaluate=%g ignored)",
+                 "secure-aggregation" if cfg.secure_aggregation else "dp", cfg.fraction_evaluate)
+    strategy = make_strategy(cfg, delivery, nested, evaluate)
     keys = list(fed.arrays)
     restore_momentum(strategy, ck.opt_state if ck else {}, keys)
     inner = privacy.wrap(strategy, wrap, nested)  # `wrap`, or run config dp's wrapper; privacy bookkeeping
-    if (cfg.clip_norm > 0 or cfg.clip_factor > 0) and not cfg.secure_aggregation:  # secure: nodes clip
+    if privacy.dp and not cfg.secure_aggregation:  # the DP bound and no other: a fixed clip the noise is made for
+        inner = UpdateClipping(inner, log, cfg.dp_clip_norm, 0.0, private=True)
+    elif (cfg.clip_norm > 0 or cfg.clip_factor > 0) and not cfg.secure_aggregation:  # secure: nodes clip
         inner = UpdateClipping(inner, log, cfg.clip_norm, cfg.clip_factor)
-    guard = ReplyGuard(inner, log, cfg.min_replies, max_examples(cfg), delivery.forget if delivery else None)
+    guard = ReplyGuard(inner, log, cfg.min_replies, max_examples(cfg), delivery.forget if delivery else None,
+                       private=privacy.dp, positions=delivery.positions if nested and not cfg.secure_aggregation else None)
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
     model = method_model(cfg, fed.mask)
     first = True
@@ -173,13 +188,13 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
 
     every = cfg.reconcile_every if delivery is not None else 0
     while done < cfg.num_server_rounds:
-        if every and done > 0 and done % every == 0 and not first and _reconcile(grid, fed, delivery, log,
-                                                                                 connected(done + 1), privacy):
-            model = method_model(cfg, fed.mask)
-            restore_momentum(strategy, {}, keys)
-        rounds = min(every - done % every if every else cfg.num_server_rounds, cfg.num_server_rounds - done)
-        conf = {**cfg.client_config(), "mask-version": fed.mask_version, "round-offset": done}
-        try:
+        try:  # a statistics release (re-reconciliation) or a training release may meet max-epsilon
+            if every and done > 0 and done % every == 0 and not first and _reconcile(grid, fed, delivery, log,
+                                                                                     connected(done + 1), privacy):
+                model = method_model(cfg, fed.mask)
+                restore_momentum(strategy, {}, keys)
+            rounds = min(every - done % every if every else cfg.num_server_rounds, cfg.num_server_rounds - done)
+            conf = {**cfg.client_config(), "mask-version": fed.mask_version, "round-offset": done}
             guard.start(grid=privacy.grid(grid), initial_arrays=array_record(fed.arrays), num_rounds=rounds,
                         timeout=cfg.round_timeout, train_config=ConfigRecord(dict(conf)),
                         evaluate_config=ConfigRecord(dict(conf)), evaluate_fn=end_round)
@@ -193,15 +208,27 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     return fed, _finish(fed, recorder, model, privacy.summary())
 
 
-def _finish(fed: Federation, recorder: RunRecorder, model, extra: dict | None = None) -> dict:
+def _stop_before_training(fed: Federation, log: RoundLog, privacy: Privacy) -> tuple[Federation, dict]:
+    """The run ends before any release: the pre-trained model, unchanged, is the final model."""
+    cfg = fed.cfg
+    recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
+    base = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+    fed.dropped = log.dropped
+    return fed, _finish(fed, recorder, base, privacy.summary(), method="head-only")
+
+
+def _finish(fed: Federation, recorder: RunRecorder, model, extra: dict | None = None,
+            method: str | None = None) -> dict:
     """Export the merged model and write the run summary."""
     cfg = fed.cfg
-    set_arrays(cfg.method, model, fed.arrays)
+    method = method or cfg.method
+    if fed.arrays:
+        set_arrays(method, model, fed.arrays)
     summary = summarize(fed.history, cfg.method)
     summary["dropped_replies"] = len(fed.dropped)
     summary.update(extra or {})  # privacy: final (epsilon, delta), secure aggregation, why a run stopped early
     if fed.run_dir is not None:
-        export_model(export(cfg.method, model).state_dict(), fed.run_dir / "final_model.safetensors",
+        export_model(export(method, model).state_dict(), fed.run_dir / "final_model.safetensors",
                      {"method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": summary.get("rounds", 0)})
         summary["run_dir"] = str(fed.run_dir)
         recorder.summary = summary

@@ -43,7 +43,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore import log as flwr_log
 
-from common.privacy import quantization_bound, train_mean, train_shapes
+from common.privacy import merge_ranks, quantization_bound, train_mean, train_shapes
 from common.settings import AppConfig
 from common.wire import PACKED
 
@@ -53,6 +53,9 @@ from .recorder import RoundLog
 
 REQUEST = "secure-request"  # client/privacy.py reads the real request's parameters from this ConfigRecord
 ERROR_CODE = 0
+# Fewest nodes in a secure sum, and in every weight slot of one: with 2, each node learns the other's update
+# from the sum (the next global model carries it) less its own; with 1, the server reads it.
+MIN_SECURE_NODES = 3
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,11 @@ def _keys_present(conf: ConfigRecord, kinds: dict[str, type]) -> None:
             raise ValueError(f"'{key}' is not bytes")
 
 
+def _all_bytes(values: list, what: str) -> None:
+    if not all(isinstance(v, bytes) for v in values):
+        raise ValueError(f"every {what} must be bytes")
+
+
 class _DelegatingGrid(Grid):
     """A Grid that forwards everything to `self.grid`; subclasses override `send_and_receive`."""
 
@@ -204,6 +212,8 @@ class _StageGrid(_DelegatingGrid):
             _keys_present(conf, {Key.DESTINATION_LIST: list, Key.CIPHERTEXT_LIST: list})
             if len(conf[Key.DESTINATION_LIST]) != len(conf[Key.CIPHERTEXT_LIST]):
                 raise ValueError("destination and ciphertext lists differ in length")
+            self._round_nodes(conf[Key.DESTINATION_LIST], "destination")
+            _all_bytes(conf[Key.CIPHERTEXT_LIST], "ciphertext")
         elif stage == Stage.COLLECT_MASKED_VECTORS:
             _keys_present(conf, {Key.MASKED_PARAMETERS: list})
             blobs = conf[Key.MASKED_PARAMETERS]
@@ -222,6 +232,19 @@ class _StageGrid(_DelegatingGrid):
             _keys_present(conf, {Key.NODE_ID_LIST: list, Key.SHARE_LIST: list})
             if len(conf[Key.NODE_ID_LIST]) != len(conf[Key.SHARE_LIST]):
                 raise ValueError("node and share lists differ in length")
+            self._round_nodes(conf[Key.NODE_ID_LIST], "share owner")
+            _all_bytes(conf[Key.SHARE_LIST], "share")
+
+    def _round_nodes(self, ids: list, what: str) -> None:
+        """Node ids a stage reply names: unique integers, every one a node of this secure round (Flower's
+        unmask stage indexes its per-node state by them: an outside id was a KeyError that ended the run)."""
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
+            raise ValueError(f"{what} ids must be integers")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{what} ids repeat")
+        outside = sorted(set(ids) - set(self.requests))
+        if outside:
+            raise ValueError(f"{what} id {outside[0]} is not a node of this round")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         msgs = list(messages)
@@ -279,13 +302,23 @@ def secure_sum(grid: Grid, requests: dict[int, RecordDict], shapes: list[tuple[i
     ctx.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: int(server_round)})
     ctx.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
     stage_grid = _StageGrid(grid, requests, shapes, settings.modulus_range)
-    if len(nodes) >= 2:
-        settings.workflow(timeout)(stage_grid, ctx)
+    error = ""
+    if len(nodes) >= MIN_SECURE_NODES:
+        try:
+            settings.workflow(timeout)(stage_grid, ctx)
+        except Exception as exc:  # noqa: BLE001 - whatever a reply did inside Flower's protocol, the run goes on
+            error, legacy.mean = f"secure aggregation failed ({type(exc).__name__}: {exc}); round skipped", None
     res = SecureSum(None, [], dict(stage_grid.dropped), stage_grid.bytes_down, stage_grid.bytes_up, time.time() - t0,
                     stage_grid.seconds.get(Stage.COLLECT_MASKED_VECTORS, 0.0))
     if legacy.mean is None:
-        res.reason = ("secure aggregation needs at least 2 nodes" if len(nodes) < 2 else
-                      "secure aggregation halted: too few nodes or shares left for the reconstruction threshold")
+        res.reason = error or (
+            f"secure aggregation needs at least {MIN_SECURE_NODES} nodes, got {len(nodes)}"
+            if len(nodes) < MIN_SECURE_NODES else
+            "secure aggregation halted: too few nodes or shares left for the reconstruction threshold")
+        return res
+    if len(legacy.active) < MIN_SECURE_NODES:  # the sum of fewer would give a node's update away
+        res.reason = (f"secure aggregation: only {len(legacy.active)} node(s) completed the protocol, fewer than "
+                      f"{MIN_SECURE_NODES}; their sum is discarded")
         return res
     # SecAgg+ divides the sum by the summed weights; every node's weight is 1, so that is the number of nodes
     res.active = sorted(legacy.active)
@@ -304,16 +337,15 @@ class SecureTraining:
         self.update_bound, self.max_weight, self.delivery = update_bound, max_weight, delivery
         self.last: SecureSum | None = None
 
-    def _slots(self, nodes: list[int]) -> tuple[dict[int, int], list]:
-        """Weight slot of every node (one per budget rank) and the packed positions each slot trains."""
-        ranks = {n: (self.delivery.ranks.get(n, 0) if self.delivery is not None else 0) for n in nodes}
+    def _slots(self, nodes: list[int]) -> tuple[dict[int, int], dict[int, int], list]:
+        """Budget rank the round gives every node (rank groups of >= MIN_SECURE_NODES, `merge_ranks`), its weight
+        slot (one per rank) and the packed positions each slot trains."""
+        own = {n: (self.delivery.ranks.get(n, 0) if self.delivery is not None else 0) for n in nodes}
+        ranks = merge_ranks(own, MIN_SECURE_NODES)
         order = sorted(set(ranks.values()))
         slot = {n: order.index(r) for n, r in ranks.items()}
-        positions = []
-        for r in order:
-            node = next(n for n in nodes if ranks[n] == r)
-            positions.append(self.delivery.positions(node) if self.delivery is not None else None)
-        return slot, positions
+        positions = [self.delivery.rank_positions(r) if self.delivery is not None else None for r in order]
+        return ranks, slot, positions
 
     def round(self, grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
         for m in messages:
@@ -323,16 +355,21 @@ class SecureTraining:
         content = messages[0].content
         rnd = int(content["config"].get("server-round", self.log.round))
         current = {k: v.numpy() for k, v in content["arrays"].items()}
-        slot, positions = self._slots(nodes)
+        ranks, slot, positions = self._slots(nodes)
         c = self.settings.clipping_range
         requests = {}
         for m in messages:
+            nid = m.metadata.dst_node_id
             req = ConfigRecord({"message-type": MessageType.TRAIN, "clipping-range": c,
                                 "update-bound": float(self.update_bound), "max-weight": float(self.max_weight),
                                 "uniform-weights": bool(self.cfg.uniform_weights or self.cfg.dp != "none"),
-                                "weight-slot": slot[m.metadata.dst_node_id], "num-slots": len(positions)})
-            requests[m.metadata.dst_node_id] = RecordDict({**dict(m.content.items()), REQUEST: req})
+                                "weight-slot": slot[nid], "num-slots": len(positions), "budget-rank": ranks[nid]})
+            requests[nid] = RecordDict({**dict(m.content.items()), REQUEST: req})
         res = secure_sum(grid, requests, train_shapes(current, len(positions)), self.settings, rnd, timeout)
+        thin = sorted({slot[n] for n in res.active if sum(slot[a] == slot[n] for a in res.active) < MIN_SECURE_NODES})
+        if res.sums is not None and thin:  # dropouts left a rank's slot with fewer than 3 contributors
+            res.sums, res.reason = None, (f"secure aggregation: budget rank {sorted(set(ranks.values()))[thin[0]]} "
+                                          f"kept fewer than {MIN_SECURE_NODES} nodes after dropouts; sum discarded")
         self.last = res
         self.log.set(secagg_nodes=len(nodes), secagg_active=len(res.active),
                      secagg_dropped=len(nodes) - len(res.active),
@@ -340,12 +377,14 @@ class SecureTraining:
                      secagg_overhead_s=res.overhead_seconds,
                      secagg_clipping_range=c)
         if res.sums is None:
+            self.log.set(secagg_error=res.reason)
             flwr_log(WARNING, "Round %d: %s", rnd, res.reason)
             return [Message(Error(code=ERROR_CODE, reason=res.reason), reply_to=m) for m in messages]
         arrays, info = train_mean(current, res.sums, c, positions, PACKED)
         self.log.set(secagg_quant_bound=quantization_bound(c, self.settings.quantization_range, len(res.active),
-                                                           info["min-weight"]),
-                     secagg_clipped=info["clipped"])
+                                                           info["min-weight"]))
+        if self.cfg.dp == "none":  # with DP an un-noised count of clipped nodes is not released
+            self.log.set(secagg_clipped=info["clipped"])
         record = array_record(arrays)
         metrics = {"num-examples": 1, "train-loss": info["train-loss"], "train-acc": info["train-acc"]}
         out = []

@@ -113,8 +113,9 @@ NESTED = {cls: type(f"Nested{cls.__name__[8:]}", (_NestedMean, cls),
           for cls in BASES.values()}
 
 
-def make_strategy(cfg: AppConfig, delivery: MaskDelivery | None, nested: bool) -> FedAvg:
-    """The strategy for a run configuration; `nested` when some node trains a smaller budget."""
+def make_strategy(cfg: AppConfig, delivery: MaskDelivery | None, nested: bool, evaluate: bool = True) -> FedAvg:
+    """The strategy for a run configuration; `nested` when some node trains a smaller budget; `evaluate`
+    False: no federated evaluation whatever fraction-evaluate says (secure and DP runs)."""
     cls = BASES[(cfg.aggregation, cfg.server_opt)]
     cls = NESTED[cls] if nested else cls
     kw = {}
@@ -125,8 +126,9 @@ def make_strategy(cfg: AppConfig, delivery: MaskDelivery | None, nested: bool) -
     # min-nodes is waited for once, before the first phase (server/runner.py); a round samples whoever is
     # connected then (at least 1): Flower's sample_nodes waits without a time limit for min_available_nodes,
     # so one lost node of min-nodes would stall every later round.
-    strategy = cls(fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, min_train_nodes=1,
-                   min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0, min_available_nodes=1, **kw)
+    fraction_evaluate = cfg.fraction_evaluate if evaluate else 0.0
+    strategy = cls(fraction_train=cfg.fraction_train, fraction_evaluate=fraction_evaluate, min_train_nodes=1,
+                   min_evaluate_nodes=1 if fraction_evaluate > 0 else 0, min_available_nodes=1, **kw)
     strategy.delivery = delivery
     return strategy
 

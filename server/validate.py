@@ -196,3 +196,13 @@ def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_ex
         specs = {f"{m}.g": (shape, "float64") for m, shape in grad_shapes.items()}
         stats.update(_bounded(decode(_record(msg, "grads", ArrayRecord), specs)))
     return stats, votes, {"num-examples": n_train}
+
+
+def within_submask(values: np.ndarray, sent: np.ndarray, positions: np.ndarray) -> None:
+    """A nested-budget node's packed vector: every entry outside its sub-mask (`positions`) unchanged."""
+    outside = np.ones(values.size, bool)
+    outside[np.asarray(positions)] = False
+    changed = int(np.count_nonzero(values.reshape(-1)[outside] != sent.reshape(-1)[outside]))
+    if changed:
+        raise BadReply(f"{changed} packed entries outside the node's budget-rank sub-mask differ from what was sent "
+                       f"(a node trains only its own sub-mask)")

@@ -5,6 +5,7 @@ Two kinds of tests: the secure sum alone, on a toy ClientApp behind the project'
 in-process federations of the real apps on a random-init copy of the embedded ViT (2 nodes,
 1-2 rounds). One `run_simulation` smoke (slow) runs the secure + DP configuration on Flower's runtime.
 """
+import json
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ T = 2**22
 
 
 # ------------------------------------------------------------------ the secure sum on a toy app
-def _toy(deltas: dict, weights: dict, fail_at: dict | None = None) -> ClientApp:
-    """Train replies = received + a fixed delta per node; `fail_at[node]` = SecAgg+ stage at which it drops."""
+def _toy(deltas: dict, weights: dict, fail_at: dict | None = None, tamper=None) -> ClientApp:
+    """Train replies = received + a fixed delta per node; `fail_at[node]` = SecAgg+ stage at which it drops;
+    `tamper`: an outermost mod that rewrites replies."""
     fail_at = fail_at or {}
 
     def dropper(msg, ctx, call_next):
@@ -45,7 +47,7 @@ def _toy(deltas: dict, weights: dict, fail_at: dict | None = None) -> ClientApp:
             raise ConnectionError(f"node {ctx.node_id} lost at stage {conf.get('stage')}")
         return call_next(msg, ctx)
 
-    app = ClientApp(mods=[dropper, SecureAggregationMod(lambda m, c: app(m, c))])
+    app = ClientApp(mods=[*([tamper] if tamper else []), dropper, SecureAggregationMod(lambda m, c: app(m, c))])
 
     @app.train()
     def train(msg, ctx):
@@ -67,11 +69,15 @@ class _Ranks:
     def positions(self, node):
         return self._pos[self.ranks.get(node, 0)]
 
+    def rank_positions(self, rank):
+        return self._pos[rank]
 
-def _secure_round(deltas, weights, fail_at=None, delivery=None, bound=1.0, shares=4, threshold=3, max_weight=100):
+
+def _secure_round(deltas, weights, fail_at=None, delivery=None, bound=1.0, shares=4, threshold=3, max_weight=100,
+                  tamper=None):
     cfg = parse_run_config()
     nodes = sorted(deltas)
-    grid = InProcessGrid(_toy(deltas, weights, fail_at), len(nodes))
+    grid = InProcessGrid(_toy(deltas, weights, fail_at, tamper), len(nodes))
     assert sorted(grid.get_node_ids()) == nodes
     current = {"values": np.linspace(-1, 1, 50, dtype=np.float32), "head.weight": np.ones((3, 4), np.float32)}
     log = RoundLog()
@@ -128,20 +134,70 @@ def test_secure_sum_tolerates_a_dropout_up_to_the_threshold():
 
 
 def test_secure_nested_budgets_get_exact_per_entry_denominators():
-    nodes = range(1000, 1004)
-    deltas, weights = _deltas(2, nodes), {1000: 10, 1001: 20, 1002: 30, 1003: 40}
+    nodes = range(1000, 1006)
+    deltas, weights = _deltas(2, nodes), {1000: 10, 1001: 20, 1002: 30, 1003: 40, 1004: 15, 1005: 25}
     half = np.arange(25)
-    for n in (1002, 1003):  # rank-1 nodes train only the first half: the rest of their reply is unchanged
+    for n in (1003, 1004, 1005):  # rank-1 nodes train only the first half: the rest of their reply is unchanged
         deltas[n]["values"][25:] = 0.0
-    delivery = _Ranks({1000: 0, 1001: 0, 1002: 1, 1003: 1}, {0: None, 1: half})
-    current, replies, res, rec = _secure_round(deltas, weights, delivery=delivery)
+    delivery = _Ranks({1000: 0, 1001: 0, 1002: 0, 1003: 1, 1004: 1, 1005: 1}, {0: None, 1: half})
+    current, replies, res, rec = _secure_round(deltas, weights, delivery=delivery, shares=6, threshold=4)
     got = replies[0].content["arrays"]["values"].numpy()
     w = {n: weights[n] / 100 for n in nodes}
+    full = (1000, 1001, 1002)
     want = current["values"].astype(np.float64).copy()
     want[:25] += sum(w[n] * deltas[n]["values"][:25] for n in nodes) / sum(w.values())
-    want[25:] += sum(w[n] * deltas[n]["values"][25:] for n in (1000, 1001)) / (w[1000] + w[1001])
+    want[25:] += sum(w[n] * deltas[n]["values"][25:] for n in full) / sum(w[n] for n in full)
     assert np.abs(got - want).max() <= rec["secagg_quant_bound"] + 1e-6
-    assert rec["secagg_quant_bound"] == pytest.approx(quantization_bound(1.0, T, 4, w[1000] + w[1001]))
+    assert rec["secagg_quant_bound"] == pytest.approx(quantization_bound(1.0, T, 6, sum(w[n] for n in full)))
+
+
+def test_secure_lone_budget_rank_node_is_merged_into_a_group_of_three():
+    """The review's leak: 4 nodes, one alone at rank 0 — its slot held its num-examples and the entries
+    only it trained carried its values into the next global model. Now it trains rank 1 with the others."""
+    nodes = range(1000, 1004)
+    deltas, weights = _deltas(3, nodes), {1000: 37, 1001: 20, 1002: 30, 1003: 40}
+    half = np.arange(25)
+    delivery = _Ranks({1000: 0, 1001: 1, 1002: 1, 1003: 1}, {0: None, 1: half})
+    current, replies, res, rec = _secure_round(deltas, weights, delivery=delivery)
+    assert res.active == list(nodes) and len(res.sums[-2]) == 1  # one weight slot: only the sum of 4 weights
+    assert res.sums[-2][0] / 1.0 == pytest.approx(sum(weights.values()) / 100, abs=1e-4)
+    got = replies[0].content["arrays"]["values"].numpy()
+    np.testing.assert_array_equal(got[25:], current["values"][25:])  # node 1000's own entries: not released
+    w = {n: weights[n] / 100 for n in nodes}
+    want = current["values"][:25] + sum(w[n] * deltas[n]["values"][:25] for n in nodes) / sum(w.values())
+    assert np.abs(got[:25] - want).max() <= rec["secagg_quant_bound"] + 1e-6
+
+
+def test_merge_ranks_gives_every_rank_group_three_nodes_and_never_a_larger_sub_mask():
+    from common.privacy import merge_ranks
+
+    assert merge_ranks({1: 0, 2: 1, 3: 1, 4: 1}) == {1: 1, 2: 1, 3: 1, 4: 1}
+    assert merge_ranks({1: 0, 2: 0, 3: 0, 4: 1}) == {1: 1, 2: 1, 3: 1, 4: 1}
+    assert merge_ranks({1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 2}) == {1: 0, 2: 0, 3: 0, 4: 2, 5: 2, 6: 2}
+    assert merge_ranks({n: n % 3 for n in range(9)}) == {n: n % 3 for n in range(9)}
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        own = {n: int(r) for n, r in enumerate(rng.integers(0, 4, rng.integers(3, 12)))}
+        got = merge_ranks(own)
+        assert all(got[n] >= own[n] for n in own)  # a node never trains more than its budget
+        assert all(list(got.values()).count(r) >= 3 for r in set(got.values()))
+
+
+def test_a_dropout_that_leaves_a_rank_slot_with_two_nodes_discards_the_sum():
+    nodes = range(1000, 1006)
+    deltas, weights = _deltas(4, nodes), {n: 10 for n in nodes}
+    delivery = _Ranks({1000: 0, 1001: 0, 1002: 0, 1003: 1, 1004: 1, 1005: 1}, {0: None, 1: np.arange(25)})
+    _, replies, res, rec = _secure_round(deltas, weights, delivery=delivery, shares=6, threshold=4,
+                                         fail_at={1000: "collect_masked_vectors"})
+    assert res.sums is None and all(r.has_error() for r in replies)
+    assert "fewer than 3" in rec["secagg_error"]
+
+
+def test_secure_aggregation_needs_three_nodes():
+    deltas, weights = _deltas(5, range(1000, 1002)), {1000: 10, 1001: 10}
+    _, replies, res, rec = _secure_round(deltas, weights, shares=2, threshold=2)
+    assert res.sums is None and all(r.has_error() for r in replies)
+    assert "at least 3 nodes" in replies[0].error.reason and "at least 3 nodes" in rec["secagg_error"]
 
 
 # ------------------------------------------------------------------ federations of the real apps
@@ -154,7 +210,7 @@ def _cfg(weights, tmp_path, **kw):
 def test_secure_training_round_equals_the_plain_round_and_the_strategy_sees_only_the_aggregate(
         weights, tmp_path, monkeypatch):
     plain_cfg = _cfg(weights, tmp_path, clip_norm=50.0)
-    plain, _ = run_federation(InProcessGrid(create_app(), 2, plain_cfg.to_dict()), plain_cfg)
+    plain, _ = run_federation(InProcessGrid(create_app(), 3, plain_cfg.to_dict()), plain_cfg)
 
     individual, seen, server_got = {}, [], []
 
@@ -171,11 +227,11 @@ def test_secure_training_round_equals_the_plain_round_and_the_strategy_sees_only
 
     monkeypatch.setattr(TaskEdgeFedAvg, "aggregate_train", spy_aggregate)
     cfg = _cfg(weights, tmp_path, secure_aggregation=True, clip_norm=50.0)
-    grid = InProcessGrid(create_app(mods=(spy_mod,)), 2, cfg.to_dict(),
+    grid = InProcessGrid(create_app(mods=(spy_mod,)), 3, cfg.to_dict(),
                          observe=lambda m, r: server_got.append((m.metadata.message_type, r)))
     fed, summary = run_federation(grid, cfg)
     rec = fed.history[-1]
-    assert summary["secure_aggregation"] and rec["secagg_active"] == 2 and not fed.dropped
+    assert summary["secure_aggregation"] and rec["secagg_active"] == 3 and not fed.dropped
     # the aggregate equals the plain FedAvg round within the stated quantization bound — on the same mask:
     # Flower quantizes with stochastic rounding, so now and then a near-tie in the securely summed
     # statistics flips one mask entry and the two runs train different entries (seen 1 in ~3 runs)
@@ -186,7 +242,7 @@ def test_secure_training_round_equals_the_plain_round_and_the_strategy_sees_only
     np.testing.assert_allclose(fed.arrays["head.weight"], plain.arrays["head.weight"],
                                atol=rec["secagg_quant_bound"] + 1e-6)
     # the strategy's aggregate function got the aggregate (once per node), never a node's own vector
-    assert len(seen) == 2 and len(individual) == 2
+    assert len(seen) == 3 and len(individual) == 3
     for vec in seen:
         np.testing.assert_allclose(vec, fed.arrays["values"], atol=1e-6)
         assert all(np.abs(vec - own).max() > 10 * rec["secagg_quant_bound"] for own in individual.values())
@@ -200,7 +256,7 @@ def test_secure_training_round_equals_the_plain_round_and_the_strategy_sees_only
 def test_secure_statistics_equal_the_plain_pooled_statistics(weights, tmp_path):
     cfg = _cfg(weights, tmp_path)
     raw = []
-    grid = InProcessGrid(create_app(), 2, cfg.to_dict(), observe=lambda m, r: raw.append(
+    grid = InProcessGrid(create_app(), 3, cfg.to_dict(), observe=lambda m, r: raw.append(
         {k: v.numpy() for k, v in r.content["stats"].items()}) if m.metadata.message_type == "query.stats" else None)
     nodes = sorted(grid.get_node_ids())
     plain_mask = statistics_phase(grid, cfg, nodes, RoundLog())
@@ -208,10 +264,10 @@ def test_secure_statistics_equal_the_plain_pooled_statistics(weights, tmp_path):
 
     scfg = _cfg(weights, tmp_path, secure_aggregation=True, clip_norm=1.0)
     log = RoundLog()
-    sgrid = InProcessGrid(create_app(), 2, scfg.to_dict())
+    sgrid = InProcessGrid(create_app(), 3, scfg.to_dict())
     privacy = Privacy(scfg, log, None, nodes)
     mask = privacy.statistics_phase(sgrid, nodes)
-    assert log.rec["stats_secagg_active"] == 2 and log.rec["stats_clipped"] == 0
+    assert log.rec["stats_secagg_active"] == 3 and log.rec["stats_clipped"] == 0
     step = 2 * scfg.stats_clip_norm / T
     for key in pooled_plain:
         if key.endswith(".ss"):
@@ -284,8 +340,9 @@ def test_dp_client_side_every_update_entering_the_sum_is_clipped(weights, tmp_pa
     monkeypatch.setattr(client_privacy, "train_contribution", spy)
     cfg = _cfg(weights, tmp_path, dp="client", dp_clip_norm=clip, dp_noise_multiplier=0.5,
                secure_aggregation=secure)
-    fed, summary = run_federation(InProcessGrid(create_app(), 2, cfg.to_dict(), observe=observe), cfg)
-    assert summary["rounds"] == 1 and not fed.dropped and len(norms) == 2
+    nodes = 3 if secure else 2
+    fed, summary = run_federation(InProcessGrid(create_app(), nodes, cfg.to_dict(), observe=observe), cfg)
+    assert summary["rounds"] == 1 and not fed.dropped and len(norms) == nodes
     assert max(norms) <= clip * (1 + 1e-5) and max(norms) == pytest.approx(clip, rel=1e-3)
     assert fed.history[-1]["dp_epsilon"] == pytest.approx(projected_epsilon(0.5, 1, cfg.dp_delta, 0.5))
 
@@ -325,16 +382,19 @@ def test_dp_statistics_are_clipped_and_noised_with_the_stated_sd(weights, tmp_pa
     names = sorted(k[:-3] for k in raw[0] if k.endswith(".ss"))
     exact = np.concatenate([sum(r[f"{m}.ss"] / r[f"{m}.n"][0] for r in raw).ravel() for m in names])
     released = np.concatenate([privacy.released[m].ravel() for m in names])
-    assert log.rec["stats_clipped"] == 0  # so the clipped sum is the plain sum of mean squares
+    # every node's mean-square vector is inside the bound, so the clipped sum is the plain sum of mean squares
+    assert all(np.sqrt(sum(((r[f"{m}.ss"] / r[f"{m}.n"][0]) ** 2).sum() for m in names)) < bound for r in raw)
+    assert "stats_clipped" not in log.rec  # DP: no un-noised count of clipped nodes is released
     noise = released - exact
     assert abs(noise.mean()) < 4 * sigma_s * bound / np.sqrt(noise.size)
     assert noise.std() == pytest.approx(sigma_s * bound, rel=0.05)  # 1,984 entries: sd of the estimate ~1.6 %
     assert log.rec["dp_epsilon"] == pytest.approx(projected_epsilon(cfg.dp_noise_multiplier, 0, cfg.dp_delta, sigma_s))
-    # a node whose mean squares exceed the bound is scaled down to it
-    cfg = _cfg(weights, tmp_path, dp="server", stats_clip_norm=1.0)
-    log = RoundLog()
-    Privacy(cfg, log, None, sorted(grid.get_node_ids())).statistics_phase(grid, sorted(grid.get_node_ids()))
-    assert log.rec["stats_clipped"] == 2
+    # a node whose mean squares exceed the bound is scaled down to it: two unit vectors of positive entries
+    cfg = _cfg(weights, tmp_path, dp="server", stats_clip_norm=1.0, dp_stats_noise_multiplier=1e-12)
+    privacy = Privacy(cfg, RoundLog(), None, sorted(grid.get_node_ids()))
+    privacy.statistics_phase(grid, sorted(grid.get_node_ids()))
+    total = np.sqrt(sum((privacy.released[m] ** 2).sum() for m in names))
+    assert np.sqrt(2) - 1e-6 <= total <= 2 + 1e-6
 
 
 def test_max_epsilon_stops_the_run_before_the_release_that_would_pass_it(weights, tmp_path):
@@ -344,10 +404,26 @@ def test_max_epsilon_stops_the_run_before_the_release_that_would_pass_it(weights
     fed, summary = run_federation(InProcessGrid(create_app(), 2, cfg.to_dict()), cfg)
     assert summary["rounds"] == 1 and "max_epsilon" in summary["stopped"] and summary["dp_epsilon"] <= limit
     assert (Path(summary["run_dir"]) / "final_model.safetensors").is_file()
-    # not even the statistics release fits: refused before anything is released
+    # not even the statistics release fits: nothing is released, the run still ends with a model and a status
     cfg = _cfg(weights, tmp_path, dp="client", dp_noise_multiplier=sigma, max_epsilon=0.01)
-    with pytest.raises(PrivacyBudgetExhausted, match="statistics release"):
-        run_federation(InProcessGrid(create_app(), 2, cfg.to_dict()), cfg)
+    fed, summary = run_federation(InProcessGrid(create_app(), 2, cfg.to_dict()), cfg)
+    assert summary["rounds"] == 0 and "statistics release" in summary["stopped"] and fed.mask is None
+    doc = json.loads((Path(summary["run_dir"]) / "results.json").read_text())
+    assert doc["status"].startswith("stopped: stopped before training")
+    assert (Path(summary["run_dir"]) / "final_model.safetensors").is_file()
+
+
+def test_max_epsilon_met_by_a_re_reconciliation_ends_the_run_cleanly(weights, tmp_path):
+    """The review's finding: PrivacyBudgetExhausted from re-reconciliation escaped the runner's `try`
+    (no final model, status 'running'). Budget: statistics + 2 training releases, not a 2nd statistics one."""
+    sigma = 2.0
+    limit = (projected_epsilon(sigma, 2, 1e-5, sigma) + projected_epsilon(sigma, 2, 1e-5, sigma, 2)) / 2
+    cfg = _cfg(weights, tmp_path, dp="client", dp_noise_multiplier=sigma, max_epsilon=limit, num_server_rounds=4,
+               reconcile_every=2)
+    fed, summary = run_federation(InProcessGrid(create_app(), 2, cfg.to_dict()), cfg)
+    assert summary["rounds"] == 2 and "statistics release" in summary["stopped"] and summary["dp_epsilon"] <= limit
+    doc = json.loads((Path(summary["run_dir"]) / "results.json").read_text())
+    assert doc["status"].startswith("stopped:") and (Path(summary["run_dir"]) / "final_model.safetensors").is_file()
 
 
 def test_a_resumed_dp_run_continues_the_privacy_account(weights, tmp_path):
@@ -400,3 +476,55 @@ def test_bench_privacy_quick(weights, tmp_path):
     assert by["dp eps=8"]["epsilon"] == pytest.approx(8.0)
     assert (tmp_path / "bench_privacy_quick.png").read_bytes()[:4] == b"\x89PNG"
     assert "| secagg |" in (tmp_path / "bench_privacy_quick.md").read_text()
+
+
+# ------------------------------------------------------------------ one node cannot stop a secure round
+def _tampering(stage: str, kind: str, node: int = 1001):
+    """A mod that rewrites `node`'s reply at one SecAgg+ stage (the reviewer's crafted replies, every stage)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    lists = {"setup": (Key.PUBLIC_KEY_1, None), "share_keys": (Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST),
+             "collect_masked_vectors": (Key.MASKED_PARAMETERS, None), "unmask": (Key.NODE_ID_LIST, Key.SHARE_LIST)}
+
+    def mod(msg, ctx, call_next):
+        conf = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        now = conf.get("stage") if conf is not None else None  # read before Flower's mod consumes it
+        reply = call_next(msg, ctx)
+        if ctx.node_id != node or now != stage or reply.has_error():
+            return reply
+        out = reply.content.config_records[RECORD_KEY_CONFIGS]
+        ids, values = lists[stage]
+        if kind == "missing":
+            del out[ids]
+        elif kind == "outside-id" and values is not None:
+            out[ids] = [999_999] + list(out[ids])[1:]
+        elif kind == "repeated-id" and values is not None and len(out[ids]) > 1:
+            out[ids] = [out[ids][0]] * len(out[ids])
+        elif kind == "wrong-type":
+            out[ids] = [1.5] * 2 if values is not None else "x"
+        elif kind == "short":
+            out[ids] = list(out[ids])[:-1] if isinstance(out[ids], list) and out[ids] else []
+        elif kind == "garbage-bytes":
+            target = values or ids
+            if isinstance(out[target], list):
+                out[target] = [b"\x00" * 7 for _ in out[target]]
+            else:
+                out[target] = b"\x00" * 7
+        return reply
+
+    return mod
+
+
+@pytest.mark.parametrize("stage", ["setup", "share_keys", "collect_masked_vectors", "unmask"])
+@pytest.mark.parametrize("kind", ["missing", "outside-id", "repeated-id", "wrong-type", "short", "garbage-bytes"])
+def test_a_crafted_secagg_reply_at_any_stage_is_that_nodes_dropout_never_the_runs_end(stage, kind):
+    deltas, weights = _deltas(6), {n: 10 for n in range(1000, 1004)}
+    # 4 nodes, threshold 3: one loss is tolerated
+    current, replies, res, rec = _secure_round(deltas, weights, tamper=_tampering(stage, kind))
+    if res.sums is None:  # the protocol could not finish: the round is skipped with its reason, nothing raised
+        assert all(r.has_error() for r in replies) and rec["secagg_error"]
+        return
+    got = replies[0].content["arrays"]["values"].numpy()
+    summed = res.active
+    want = current["values"] + np.mean([deltas[n]["values"] for n in summed], axis=0)
+    assert np.abs(got - want).max() <= quantization_bound(1.0, T, len(summed), 0.1 * len(summed)) + 1e-6
