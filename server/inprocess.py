@@ -17,6 +17,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from .messages import content_bytes, message_bytes, stamp
+
 
 @contextlib.contextmanager
 def task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1):
@@ -27,24 +29,6 @@ def task_identity(run_id: int = 1, node_id: int = 0, task_id: int = 1):
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
-
-
-def stamp(msg: Message) -> Message:
-    """Give a message its id as a grid does when it pushes it; replies name it in `reply_to_message_id`,
-    which is how the server matches them. Flower's own grids (InMemoryGrid, HttpGrid) set it this way."""
-    msg.metadata.__dict__["_message_id"] = msg.object_id
-    return msg
-
-
-def _bytes(record) -> int:
-    """`count_bytes()` of a record; flwr 1.42's ConfigRecord.count_bytes() raises on an empty string or
-    an empty list (SecAgg+'s stage messages carry both), so such a record is counted here."""
-    try:
-        return int(record.count_bytes())
-    except (ValueError, IndexError):
-        return sum(len(k) + sum(len(x) if isinstance(x, (str, bytes)) else 8 for x in (v if isinstance(v, list)
-                                                                                        else [v]))
-                   for k, v in record.items())
 
 
 def _roundtrip(content: RecordDict) -> RecordDict:
@@ -90,7 +74,7 @@ class InProcessGrid(Grid):
         nid = msg.metadata.dst_node_id
         conf = msg.content.get("config")
         log = {"type": msg.metadata.message_type, "node": nid, "round": conf.get("server-round") if conf else None,
-               "records": sorted(msg.content.keys()), "down": sum(_bytes(r) for r in msg.content.values())}
+               "records": sorted(msg.content.keys()), "down": content_bytes(msg.content)}
         self.delivered.append(log)
         if self.serialize:
             msg = Message(_roundtrip(msg.content), metadata=msg.metadata)
@@ -103,7 +87,7 @@ class InProcessGrid(Grid):
         reply = self.tamper(nid, reply) if self.tamper else reply
         if self.observe is not None:
             self.observe(msg, reply)
-        log["up"] = 0 if reply.has_error() else sum(_bytes(r) for r in reply.content.values())
+        log["up"] = message_bytes(reply)
         return reply
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:

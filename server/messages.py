@@ -20,18 +20,28 @@ def array_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _record_bytes(rec) -> int:
-    """`count_bytes()` of a record; flwr 1.42's ConfigRecord.count_bytes() raises on an empty string
-    (a client can send one), so such a record is counted here: key + payload (8 B per number)."""
+def record_bytes(rec) -> int:
+    """`count_bytes()` of a record; flwr 1.42's ConfigRecord.count_bytes() raises on an empty string or an
+    empty list (a client can send one; SecAgg+'s stage messages carry both), so such a record is counted
+    here: key + payload (8 B per number, the length of a string or bytes, element by element in a list)."""
     try:
         return int(rec.count_bytes())
-    except ValueError:
-        return sum(len(k) + (len(v) if isinstance(v, (str, bytes)) else 8) for k, v in rec.items())
+    except (ValueError, IndexError):
+        return sum(len(k) + sum(len(x) if isinstance(x, (str, bytes)) else 8 for x in (v if isinstance(v, list)
+                                                                                        else [v]))
+                   for k, v in rec.items())
+
+
+def stamp(msg: Message) -> Message:
+    """Give a message its id as a grid does when it pushes it; replies name it in `reply_to_message_id`,
+    which is how the server matches them. Flower's own grids (InMemoryGrid, HttpGrid) set it this way."""
+    msg.metadata.__dict__["_message_id"] = msg.object_id
+    return msg
 
 
 def content_bytes(content: RecordDict) -> int:
     """Payload bytes of a message's content (all records)."""
-    return int(sum(_record_bytes(rec) for rec in content.values()))
+    return int(sum(record_bytes(rec) for rec in content.values()))
 
 
 def message_bytes(msg: Message) -> int:

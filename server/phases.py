@@ -30,13 +30,14 @@ from .reconcile import stats_mask, vote_mask
 from .recorder import RoundLog
 
 
-def _base(cfg: AppConfig):
+def server_model(cfg: AppConfig):
+    """The server's copy of the frozen pre-trained model (masks are built on it; statistics are probed on it)."""
     from common.data import get_task
 
     return base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
 
 
-def _send(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, nodes: list[int], kind: str) -> dict:
+def send_query(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, nodes: list[int], kind: str) -> dict:
     """One query to `nodes`; replies by node, with the bytes booked to the next round record."""
     msgs = [Message(content, dst_node_id=n, message_type=f"query.{kind}", group_id=kind) for n in nodes]
     log.add(query_bytes_down=sum(content_bytes(m.content) for m in msgs))
@@ -53,7 +54,7 @@ def max_examples(cfg: AppConfig) -> int:
     return cfg.max_examples or get_task(cfg.task).train_size
 
 
-def _stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple], dict[str, int]]:
+def stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple], dict[str, int]]:
     """Statistic shape and rows per calibration example of every target module (one probe example)."""
     from common.data import get_task
 
@@ -64,13 +65,13 @@ def _stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple]
 
 def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -> Mask | None:
     """Ask `nodes` for statistics and reconcile them; None when fewer than min-replies were valid."""
-    base, tcfg = _base(cfg), cfg.taskedge_config()
+    base, tcfg = server_model(cfg), cfg.taskedge_config()
     targets = target_modules(base, tcfg)
-    shapes, rows = _stats_limits(base, cfg, targets)
+    shapes, rows = stats_limits(base, cfg, targets)
     vote_sizes = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
     grad_shapes = ({n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
                    if tcfg.score == "gradient" else None)
-    replies = _send(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "stats")
+    replies = send_query(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "stats")
     stats, votes = [], []
     for nid in nodes:
         try:
@@ -134,7 +135,7 @@ class MaskDelivery:
         if missing:
             content = RecordDict({"mask": array_record(self.mask.to_arrays()),
                                   "config": ConfigRecord({**self.cfg.client_config(), "mask-version": self.version})})
-            replies = _send(grid, self.cfg, self.log, content, missing, "mask")
+            replies = send_query(grid, self.cfg, self.log, content, missing, "mask")
             for nid in missing:
                 try:
                     if nid not in replies:

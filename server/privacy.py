@@ -40,7 +40,7 @@ from common.settings import AppConfig
 from common.tuner import target_modules
 
 from . import validate
-from .phases import _base, _send, _stats_limits, max_examples
+from .phases import max_examples, send_query, server_model, stats_limits
 from .reconcile import stats_mask
 from .recorder import RoundLog
 from .secure import REQUEST, SecAggSettings, SecureGrid, SecureTraining, secure_sum
@@ -211,8 +211,8 @@ class Privacy:
     def statistics_phase(self, grid: Grid, nodes: list[int], server_round: int = 0) -> Mask | None:
         """The statistics round, securely summed and/or with the Gaussian mechanism; the global mask."""
         cfg, log = self.cfg, self.log
-        base, tcfg = _base(cfg), cfg.taskedge_config()
-        shapes, rows = _stats_limits(base, cfg, target_modules(base, tcfg))
+        base, tcfg = server_model(cfg), cfg.taskedge_config()
+        shapes, rows = stats_limits(base, cfg, target_modules(base, tcfg))
         modules = sorted(shapes)
         max_rows = {m: rows[m] * cfg.calib_size for m in modules}
         bound = cfg.stats_clip_norm
@@ -241,7 +241,7 @@ class Privacy:
                 return None
             sums, count = res.sums, len(res.active)
         else:
-            replies = _send(grid, cfg, log, RecordDict({"config": config}), nodes, "stats")
+            replies = send_query(grid, cfg, log, RecordDict({"config": config}), nodes, "stats")
             stats = []
             for nid in nodes:
                 try:

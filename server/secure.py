@@ -47,8 +47,7 @@ from common.privacy import merge_ranks, quantization_bound, train_mean, train_sh
 from common.settings import AppConfig
 from common.wire import PACKED
 
-from .inprocess import _bytes, stamp
-from .messages import array_record
+from .messages import array_record, content_bytes, message_bytes, stamp
 from .recorder import RoundLog
 
 REQUEST = "secure-request"  # client/privacy.py reads the real request's parameters from this ConfigRecord
@@ -134,15 +133,6 @@ class _Round:
             self.mean = parameters_to_ndarrays(results[0][1].parameters)
             self.active = [proxy.node_id for proxy, _ in results]
         return None, {}
-
-
-def content_bytes(content: RecordDict) -> int:
-    """Payload bytes of a message's content (server/messages.py's count, robust to SecAgg+'s empty lists)."""
-    return int(sum(_bytes(rec) for rec in content.values()))
-
-
-def message_bytes(msg: Message) -> int:
-    return 0 if msg.has_error() else content_bytes(msg.content)
 
 
 def _keys_present(conf: ConfigRecord, kinds: dict[str, type]) -> None:

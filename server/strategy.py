@@ -106,11 +106,26 @@ class TaskEdgeFedMedian(_DeliversMask, FedMedian):
     """Flower's coordinate-wise median with mask delivery (aggregation='median')."""
 
 
+class NestedFedAvg(_NestedMean, TaskEdgeFedAvg):
+    """TaskEdgeFedAvg with per-entry means over the nodes that trained each entry (nested budgets)."""
+
+
+class NestedFedAvgM(_NestedMean, TaskEdgeFedAvgM):
+    """TaskEdgeFedAvgM with per-entry means over the nodes that trained each entry (nested budgets)."""
+
+
+class NestedFedTrimmedAvg(_NestedMean, TaskEdgeFedTrimmedAvg):
+    """TaskEdgeFedTrimmedAvg with per-entry trimmed means over the nodes that trained each entry."""
+
+
+class NestedFedMedian(_NestedMean, TaskEdgeFedMedian):
+    """TaskEdgeFedMedian with per-entry medians over the nodes that trained each entry."""
+
+
 BASES = {("mean", "fedavg"): TaskEdgeFedAvg, ("mean", "fedavgm"): TaskEdgeFedAvgM,
          ("trimmed", "fedavg"): TaskEdgeFedTrimmedAvg, ("median", "fedavg"): TaskEdgeFedMedian}
-NESTED = {cls: type(f"Nested{cls.__name__[8:]}", (_NestedMean, cls),
-                    {"__doc__": f"{cls.__name__} with per-entry statistics over the nodes that trained each entry."})
-          for cls in BASES.values()}
+NESTED = {TaskEdgeFedAvg: NestedFedAvg, TaskEdgeFedAvgM: NestedFedAvgM, TaskEdgeFedTrimmedAvg: NestedFedTrimmedAvg,
+          TaskEdgeFedMedian: NestedFedMedian}
 
 
 def make_strategy(cfg: AppConfig, delivery: MaskDelivery | None, nested: bool, evaluate: bool = True) -> FedAvg:

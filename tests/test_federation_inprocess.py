@@ -265,11 +265,11 @@ def test_gradient_replies_are_validated(weights, tmp_path):
     nid = min(grid.get_node_ids())
     out = Message(RecordDict({"config": ConfigRecord(cfg.client_config())}), dst_node_id=nid, message_type="query.stats")
     reply = grid.send_and_receive([out])[0]
-    from server.phases import _base, _stats_limits, max_examples
+    from server.phases import max_examples, server_model, stats_limits
 
-    base = _base(cfg)
+    base = server_model(cfg)
     targets = target_modules(base, cfg.taskedge_config())
-    shapes, rows = _stats_limits(base, cfg, targets)
+    shapes, rows = stats_limits(base, cfg, targets)
     gshapes = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
     st, _, _ = validate.stats_reply(reply, shapes, rows, cfg.calib_size, max_examples(cfg), None, gshapes)
     assert all(f"{n}.g" in st and st[f"{n}.g"].shape == gshapes[n] for n in gshapes)

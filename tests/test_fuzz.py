@@ -20,7 +20,8 @@ from common.settings import parse_run_config
 from common.stats import arrays_to_norms, median_stats, sum_stats
 from server import validate
 from server.guard import ReplyGuard
-from server.inprocess import InProcessGrid, stamp
+from server.inprocess import InProcessGrid
+from server.messages import stamp
 from server.recorder import RoundLog
 from server.strategy import make_strategy
 

@@ -23,7 +23,8 @@ from client.privacy import SecureAggregationMod
 from common.privacy import quantization_bound
 from common.settings import parse_run_config
 from common.stats import sum_stats
-from server.inprocess import InProcessGrid, stamp
+from server.inprocess import InProcessGrid
+from server.messages import stamp
 from server.messages import array_record
 from server.phases import statistics_phase
 from server.privacy import Privacy, projected_epsilon

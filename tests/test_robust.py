@@ -7,7 +7,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from common.settings import parse_run_config
 from common.stats import median_stats, sum_stats
 from server.aggregate import Update, masked_robust
-from server.inprocess import InProcessGrid, stamp
+from server.inprocess import InProcessGrid
+from server.messages import stamp
 from server.recorder import RoundLog
 from server.robust import UpdateClipping
 from server.strategy import NESTED, TaskEdgeFedMedian, TaskEdgeFedTrimmedAvg, make_strategy

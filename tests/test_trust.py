@@ -100,11 +100,11 @@ def test_one_node_claiming_huge_sums_of_squares_does_not_decide_the_mask(weights
     # honest nodes are under the bound, so their pooling stays exact: the honest mask is the mask of the sum
     from common.tuner import build_mask
     from common.stats import arrays_to_norms
-    from server.phases import _base
+    from server.phases import server_model
 
     log2 = RoundLog()
     again = statistics_phase(honest_grid, cfg, nodes, log2)
-    exact = build_mask(_base(cfg), cfg.taskedge_config(), arrays_to_norms(sum_stats(list(raw.values()))))
+    exact = build_mask(server_model(cfg), cfg.taskedge_config(), arrays_to_norms(sum_stats(list(raw.values()))))
     assert log2.rec["stats_clipped"] == 0
     for n in exact.names():
         assert np.array_equal(again.indices[n].numpy(), exact.indices[n].numpy())
