@@ -38,7 +38,7 @@ test-fast: $(STAMP)
 
 ## The suite study (sweep -> scores -> federation -> figures; stages whose JSON exists are skipped).
 bench: $(STAMP)
-	PYTHON=$(BIN)/python bash simulations/run_suite.sh
+	PYTHON=$(BIN)/python bash benchmarks/run_suite.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs .flwr

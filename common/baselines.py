@@ -1,8 +1,8 @@
 """The edge-PEFT baselines TaskEdge is measured against (no Flower): BN + head, BitFit, peft LoRA/DoRA
 and GaLore, built on the same pre-trained model and target modules as TaskEdge.
 
-Shared by the cost benchmark (`simulations/bench_edge.py`) and the accuracy runs
-(`simulations/central.py`), so a number in either comes from the same model. LoRA and DoRA are HF
+Shared by the cost benchmark (`benchmarks/bench_edge.py`) and the accuracy runs
+(`benchmarks/central.py`), so a number in either comes from the same model. LoRA and DoRA are HF
 peft's; GaLore is galore-torch's optimizer. Written here only: the choice of which parameters a
 baseline trains, the peft target list (peft refuses depthwise convs unless the rank is a multiple of
 the channels: those stay frozen and are counted) and a small wrapper that gives galore-torch 2-D

@@ -125,7 +125,7 @@ class SparseDeltaConv2d(SparseDeltaLayer):
         self.register_buffer("lead", lead, persistent=False)
         self.register_buffer("rest", rest, persistent=False)
         # gather indices of the value gradient, per input shape; public because they are memory the
-        # layer keeps alive (common.profiling counts them)
+        # layer keeps alive (benchmarks.profiling counts them)
         self.index_cache: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

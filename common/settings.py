@@ -21,7 +21,7 @@ AGGREGATIONS = ("mean", "trimmed", "median")
 STATS_AGGREGATIONS = ("sum", "median")
 
 # AdamW learning rates per method for the deltas/adapters/weights (`lr`) and the dense head (`head-lr`):
-# the best of one small sweep on the suite's validation splits (simulations/sweep.py -> common/defaults.json,
+# the best of one small sweep on the suite's validation splits (benchmarks/sweep.py -> common/defaults.json,
 # shared with simulations/finetune.py). The default selection (score, allocation) comes from the same file.
 METHOD_LR = _tuned.method_lr()
 METHOD_HEAD_LR = _tuned.method_head_lr()
@@ -46,7 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "lr": 0.0,                       # 0 = the method's default (METHOD_LR)
     "head-lr": 0.0,                  # 0 = the method's default for the dense head (METHOD_HEAD_LR)
     "budget": _SELECTION["budget"],  # fraction of backbone params (or a count >= 1); embedded ViT: 2% ~ LoRA r=1
-    "score": _SELECTION["score"],    # common/defaults.json: the winner of simulations/compare_scores.py
+    "score": _SELECTION["score"],    # common/defaults.json: the winner of benchmarks/compare_scores.py
     "allocation": _SELECTION["allocation"],
     "nm": "",                        # N:M sparsity of the merged weights, e.g. "2:4" ("" = off; taskedge methods)
     "reconcile": "stats",            # stats (exact, pooled) | vote (per-neuron vote of local top-k)

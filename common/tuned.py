@@ -1,9 +1,9 @@
 """Tuned defaults shared by the centralised and federated paths, read from `common/defaults.json`.
 
-`simulations/sweep.py` writes that file: every method's `lr` (sparse values, adapters or full
+`benchmarks/sweep.py` writes that file: every method's `lr` (sparse values, adapters or full
 weights) and `head_lr` (the dense classifier head), each the best mean validation accuracy over
 the offline suite in one small grid, and the selection (score, allocation) that won the
-equal-budget comparison of `simulations/compare_scores.py`. Methods missing from the file keep
+equal-budget comparison of `benchmarks/compare_scores.py`. Methods missing from the file keep
 the built-in fallbacks below.
 """
 from __future__ import annotations

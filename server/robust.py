@@ -31,7 +31,7 @@ from .recorder import RoundLog
 def _norm(arrays: list[np.ndarray], current: list[np.ndarray]) -> float:
     """L2 norm of the update over all arrays. numpy's own reductions, not BLAS: Flower's `get_norm`
     (np.linalg.norm) took ~25 ms a call instead of ~0.01 ms once torch's thread pool was running
-    (simulations/bench_scale.py), which made a 1,000-client round 3x slower."""
+    (benchmarks/bench_scale.py), which made a 1,000-client round 3x slower."""
     return math.sqrt(sum(float(np.square(a.astype(np.float64) - c).sum()) for a, c in zip(arrays, current)))
 
 

@@ -45,7 +45,7 @@ def simulate(monkeypatch):
     def run(overrides: dict, num_supernodes: int = 3) -> dict:
         from common import settings
         from server import server_app
-        from simulations.ray_simulation import run_ray_simulation
+        from benchmarks.ray_simulation import run_ray_simulation
 
         for key, value in overrides.items():
             monkeypatch.setitem(settings.DEFAULTS, key, value)

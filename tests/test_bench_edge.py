@@ -1,11 +1,11 @@
-"""simulations.bench_edge --quick, the live-peak meter and the GaLore conv wrapper."""
+"""benchmarks.bench_edge --quick, the live-peak meter and the GaLore conv wrapper."""
 import json
 
 import pytest
 import torch
 from torch import nn
 
-from common.profiling import LiveTensorPeak, step_live_peak, train_step
+from benchmarks.profiling import LiveTensorPeak, step_live_peak, train_step
 
 
 def test_live_peak_counts_simultaneous_not_cumulative():
@@ -55,7 +55,7 @@ def test_flat_galore_trains_conv_weights_in_place():
 
 
 def test_quick_mode_writes_json(tmp_path):
-    from simulations import bench_edge
+    from benchmarks import bench_edge
 
     out = tmp_path / "q.json"
     res = bench_edge.main(["--quick", "--json", str(out), "--png", str(tmp_path / "q.png")])

@@ -1,4 +1,4 @@
-"""simulations/bench_step.py runs end to end on tiny models and emits the documented schema.
+"""benchmarks/bench_step.py runs end to end on tiny models and emits the documented schema.
 
 Tiny models, one timed step, one thread (a loaded 2-core box stalls multi-threaded tiny ops).
 """
@@ -7,7 +7,7 @@ import json
 import pytest
 import torch.nn.functional as F
 
-from simulations import bench_step
+from benchmarks import bench_step
 
 METHOD_KEYS = {"step_s", "peak_mb", "peak_rss_mb", "step_ratio", "step_ratio_min", "step_ratio_max", "step_ratio_reps",
                "mem_ratio", "trainable"}

@@ -1,7 +1,7 @@
-"""simulations.edge_suite --quick end to end (CI's run of the edge benchmark) and its resume cache."""
+"""benchmarks.edge_suite --quick end to end (CI's run of the edge benchmark) and its resume cache."""
 import json
 
-from simulations import edge_suite
+from benchmarks import edge_suite
 
 
 def test_quick_mode_writes_table_figures_and_resumes(tmp_path, capsys):
@@ -50,4 +50,4 @@ def test_readme_shows_the_committed_edge_table():
     table = (root / "results" / "edge_suite.md").read_text().strip()
     readme = (root / "README.md").read_text()
     block = readme.split(edge_suite.README_BEGIN, 1)[1].split(edge_suite.README_END, 1)[0].strip()
-    assert block == table  # regenerate both with: python -m simulations.edge_suite
+    assert block == table  # regenerate both with: python -m benchmarks.edge_suite

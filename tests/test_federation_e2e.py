@@ -38,10 +38,10 @@ def test_run_simulation_end_to_end(tmp_path, simulate):
 
 @pytest.mark.slow
 def test_fleet_simulation_benchmark_measures_memory_per_role(tmp_path):
-    """simulations/bench_fleet_sim at a small size: the run completes with the sampled fraction of nodes
+    """benchmarks/bench_fleet_sim at a small size: the run completes with the sampled fraction of nodes
     replying, memory is read for the server and the Ray actors, and the server's defaults are restored."""
     import common.settings as settings
-    from simulations.bench_fleet_sim import main
+    from benchmarks.bench_fleet_sim import main
 
     before = dict(settings.DEFAULTS)
     doc = main(["--nodes", "6", "--fraction", "0.5", "--rounds", "1", "--server-test-size", "50",

@@ -1,10 +1,10 @@
-"""common.flops: exact FLOP counts against the analytic formulas (2 FLOPs per multiply-accumulate)."""
+"""benchmarks.flops: exact FLOP counts against the analytic formulas (2 FLOPs per multiply-accumulate)."""
 import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from common.flops import (
+from benchmarks.flops import (
     ADAMW_FLOPS_PER_ELEMENT,
     conv2d_flops,
     flop_counter,
@@ -115,7 +115,7 @@ def test_sparse_delta_depthwise_conv_value_grad(dense):
     # torch counts the input gradient; the value gradient is not an aten op torch counts
     # (sparse mode) or is torch's dense weight gradient (dense mode, corrected for groups)
     assert bwd == (2 * f if dense else f)
-    from common.flops import sparse_value_grad_flops
+    from benchmarks.flops import sparse_value_grad_flops
     with sparse_value_grad_flops(layer) as sv:
         layer(x)
     assert sv[0] == (0 if dense else 2 * 2 * ho * wo * c)

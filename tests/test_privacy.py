@@ -468,7 +468,7 @@ def test_secure_and_dp_run_on_flowers_simulation_runtime(weights, tmp_path, simu
 
 @pytest.mark.slow
 def test_bench_privacy_quick(weights, tmp_path):
-    from simulations.bench_privacy import main
+    from benchmarks.bench_privacy import main
 
     doc = main(["--quick", "--weights", weights, "--out", str(tmp_path)])
     by = {a["config"]: a for a in doc["summary"]}

@@ -1,4 +1,4 @@
-"""common.profiling: the byte counts behind bench_step's memory figure, against hand sums.
+"""benchmarks.profiling: the byte counts behind bench_step's memory figure, against hand sums.
 
 float32 = 4 bytes, int64 = 8, bool = 1.
 """
@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from common import profiling as P
+from benchmarks import profiling as P
 from common.layers import SparseDeltaConv2d
 
 

@@ -114,7 +114,7 @@ def test_linear_input_from_the_producers_saves(producer, kind):
 
 
 def test_linear_saves_nothing_beyond_the_layernorm_saves():
-    from common.profiling import model_storages, saved_tensor_meter
+    from benchmarks.profiling import model_storages, saved_tensor_meter
     gen = torch.Generator().manual_seed(0)
     ln, base = nn.LayerNorm(12), nn.Linear(12, 7)
     layer = SparseDeltaLinear(base, _random_mask(7, 12, 1, gen))

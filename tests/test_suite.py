@@ -248,7 +248,7 @@ def test_column_cap_through_the_injector_and_config():
 
 # ------------------------------------------------------------------ harness quick modes
 def test_central_harness_runs_every_method_quickly(tmp_cache):
-    from simulations.central import Run, finetune
+    from benchmarks.central import Run, finetune
 
     for method in ("taskedge", "head-only"):
         r = finetune(Run("count", method, 1e-2, 1e-2, epochs=1, eval_split="val", allocation="neuron-cap"))
@@ -259,7 +259,7 @@ def test_central_harness_runs_every_method_quickly(tmp_cache):
 
 
 def test_bench_federation_quick_writes_the_schema(tmp_path):
-    from simulations.bench_federation import main
+    from benchmarks.bench_federation import main
 
     out = tmp_path / "b.json"
     res = main(["--quick", "--methods", "taskedge-paper,head-only,taskedge-lora", "--nodes", "2",
@@ -281,7 +281,7 @@ def test_harness_takes_a_timm_model_and_a_saved_hf_dataset(tmp_path):
     saved DatasetDict (train / validation / test) go through the same harness as the suite."""
     import datasets
 
-    from simulations.central import Run, finetune
+    from benchmarks.central import Run, finetune
 
     parts = {}
     for split, n in (("train", 24), ("validation", 12), ("test", 12)):
@@ -297,7 +297,7 @@ def test_harness_takes_a_timm_model_and_a_saved_hf_dataset(tmp_path):
 def test_compare_variants_quick_runs_side_by_side_at_about_equal_trainable(tmp_path):
     """TaskEdge / TaskEdge+LoRA / LoRA (and their 2:4 versions) through the central harness, and
     their step cost against the frozen floor, in one tiny run."""
-    from simulations.compare_variants import VARIANTS, main
+    from benchmarks.compare_variants import VARIANTS, main
 
     out = tmp_path / "v.json"
     doc = main(["--tasks", "count", "--seeds", "1", "--epochs", "1", "--reps", "1", "--json", str(out)])

@@ -1,15 +1,15 @@
 """Learning-rate sweep on the suite's validation splits -> every method's `lr` and `head_lr` defaults.
 
-    python -m simulations.sweep --workers 15            # writes results/sweep.json and common/defaults.json
+    python -m benchmarks.sweep --workers 15            # writes results/sweep.json and common/defaults.json
 
-The same small procedure for every method: centralised fine-tuning (simulations/central.py) for
+The same small procedure for every method: centralised fine-tuning (benchmarks/central.py) for
 `--epochs` epochs on each suite task's 1,000 training examples, scored on its `val` split (never
 `test`), over one grid: lr in LR_GRID (sparse values / LoRA adapters / full weights) x head_lr in
 HEAD_GRID (the fresh dense head); head-only has no body, so only head_lr varies (over LR_GRID).
 The pair with the best mean validation accuracy over the suite becomes the method's default in
 common/defaults.json, which both `finetune` and the federation (`common.settings.METHOD_LR` /
 `METHOD_HEAD_LR`) read. TaskEdge is swept with the paper's score; every score/allocation variant
-then uses the same rates (simulations/compare_scores.py).
+then uses the same rates (benchmarks/compare_scores.py).
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import json
 import time
 from pathlib import Path
 
-from simulations.central import Run, mean_sd, run_many
+from benchmarks.central import Run, mean_sd, run_many
 
 LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 HEAD_GRID = (1e-3, 3e-3, 1e-2)
 METHODS = ("taskedge", "fedlora", "fedavg-full", "head-only")
-# taskedge-lora (opt-in: --methods taskedge-lora) is swept at the shape simulations/compare_variants.py
+# taskedge-lora (opt-in: --methods taskedge-lora) is swept at the shape benchmarks/compare_variants.py
 # compares: a mask M of 8 % with B of rank 2, about plain TaskEdge's trainable count at 2 %
 TE_LORA_SHAPE = {"budget": 0.08, "lora_rank": 2}
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     best = choose(results)
     setup = {"split": "val", "epochs": args.epochs, "tasks": tasks, "lr_grid": list(LR_GRID),
              "head_lr_grid": list(HEAD_GRID), "batch_size": 32, "optimizer": "AdamW, constant rates, no weight decay",
-             "selection_rule": "best mean validation accuracy over the tasks", "command": "python -m simulations.sweep"}
+             "selection_rule": "best mean validation accuracy over the tasks", "command": "python -m benchmarks.sweep"}
     if "taskedge-lora" in args.methods.split(","):
         setup["taskedge_lora_shape"] = TE_LORA_SHAPE
     out = {"setup": setup, "best": best, "seconds": round(time.perf_counter() - t0, 1),

@@ -1,6 +1,6 @@
 """Measuring a training step: tensor-memory accounting, peak RSS and interleaved timing.
 
-The rules of ``simulations/bench_step.py``'s memory figure live here, apart from the entry point,
+The rules of ``benchmarks/bench_step.py``'s memory figure live here, apart from the entry point,
 so that tests can hold them to hand-computed byte counts (tests/test_profiling.py):
 
 * a tensor costs the whole storage behind it (a view keeps all of it alive), and each storage
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from .layers import SparseDeltaConv2d
-from .sparse_ops import conv_value_grad
+from common.layers import SparseDeltaConv2d
+from common.sparse_ops import conv_value_grad
 
 MIB = 1024 * 1024
 

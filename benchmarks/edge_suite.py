@@ -2,20 +2,20 @@
 LoRA, DoRA and GaLore on a ViT, a ResNet and a MobileNetV2 (all three embedded, pre-trained by the
 same upstream recipe), with accuracy, trainable parameters, memory, FLOPs, step time and upload.
 
-    nice -n 10 .venv/bin/python -m simulations.edge_suite --workers 2     # everything (see README for time)
-    .venv/bin/python -m simulations.edge_suite --quick --out /tmp/q       # CI smoke: 1 model, 2 methods
+    nice -n 10 .venv/bin/python -m benchmarks.edge_suite --workers 2     # everything (see README for time)
+    .venv/bin/python -m benchmarks.edge_suite --quick --out /tmp/q       # CI smoke: 1 model, 2 methods
 
 Stages (finished fine-tuning runs are kept in ``--cache``, JSON lines, so a rerun resumes):
 
 1. **tune** — every method in TUNED, per model, by one procedure: centralised fine-tuning
-   (``simulations/central.py``, the federation's own build path) for ``--epochs`` epochs on each suite
+   (``benchmarks/central.py``, the federation's own build path) for ``--epochs`` epochs on each suite
    task's 1,000 training examples, seed 0, scored on the ``val`` split; ``lr`` over LR_GRID (adapter /
    delta / weight rate; the linear probe's head rate), the head at HEAD_LR. The best suite-mean
    validation accuracy picks the rate. The TaskEdge ablations (ABLATIONS) reuse TaskEdge's rate.
 2. **test** — each method at its rate, ``--seeds`` seeds x every suite task, ``test`` split.
 3. **sweeps** — LoRA / DoRA / GaLore ranks RANKS and TaskEdge budgets BUDGETS (test split,
    ``--sweep-seeds`` seeds; the main table's rank 8 / budget 2 % are its middle points).
-4. **cost** — one AdamW step per (model, method) from ``simulations/bench_edge.py`` (simultaneous
+4. **cost** — one AdamW step per (model, method) from ``benchmarks/bench_edge.py`` (simultaneous
    peak tensor memory, FLOPs with the depthwise weight-gradient over-count corrected, step time),
    plus the TaskEdge statistics pass vs a plain forward.
 5. **upload** — bytes a client sends per round, for the methods the federation runs (taskedge,
@@ -37,7 +37,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from simulations.central import Run, run_many
+from benchmarks.central import Run, run_many
 
 MODELS = ("taskedge-vit-tiny", "taskedge-resnet-tiny", "taskedge-mobilenetv2-tiny")
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -175,7 +175,7 @@ def upload_bytes(models, num_classes: int = 10) -> dict:
     each model built as the accuracy runs build it (`central.prepare`, calibrated on 64 examples)."""
     from common.data import make_split
     from common.methods import base_model, get_arrays
-    from simulations.central import prepare
+    from benchmarks.central import prepare
 
     calib = make_split(UNSEEN, "calib", n=64)
     out = {}
@@ -189,7 +189,7 @@ def upload_bytes(models, num_classes: int = 10) -> dict:
 
 
 def cost(models, quick: bool) -> dict:
-    from simulations import bench_edge
+    from benchmarks import bench_edge
 
     methods = ["linear", "taskedge"] if quick else list(bench_edge.METHODS)
     argv = ["--models", ",".join(models), "--methods", ",".join(methods), "--budget", str(BUDGET), "--json", "",
@@ -205,7 +205,7 @@ def table(res: dict) -> str:
     tasks = res["settings"]["tasks"]
     intro = (f"Suite mean = test accuracy over {len(tasks)} tasks, mean ± sd over {len(res['settings']['seeds'])} "
              f"seeds; `{SHIFT}` = distribution shift, `{UNSEEN}` = unseen classes. Memory / FLOPs / time: one AdamW "
-             f"step, batch {res['cost']['settings']['batch']}, 32 px, 1 thread (`simulations/bench_edge.py`). Trainable "
+             f"step, batch {res['cost']['settings']['batch']}, 32 px, 1 thread (`benchmarks/bench_edge.py`). Trainable "
              f"scalars (incl. the head) and upload bytes are for a 10-class task.")
     header = ("| model | method | trainable (%) | lr | suite mean | shift | unseen | peak MiB | GFLOPs/step | "
               "step ms | upload B/round |")
@@ -260,7 +260,7 @@ def figures(res: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from simulations import bench_edge
+    from benchmarks import bench_edge
 
     paths = []
     models = list(res["test"])

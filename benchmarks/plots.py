@@ -1,7 +1,7 @@
 """Plots of federated runs: accuracy vs round and vs cumulative bytes, several runs/methods at once.
 
-    python -m simulations.plots runs/<run-a> runs/<run-b> --out compare.png
-    python -m simulations.plots --bench results/bench_federation.json --out bench.png
+    python -m benchmarks.plots runs/<run-a> runs/<run-b> --out compare.png
+    python -m benchmarks.plots --bench results/bench_federation.json --out bench.png
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, title: str = "") -> P
 def plot_bench(result: dict, out: str | Path) -> Path:
     """The per-round histories that bench_federation.py stores for each method."""
     if "methods" not in result:  # the suite benchmark's format: suite-mean curves, mean +- sd over seeds
-        from simulations.figures import fig_rounds
+        from benchmarks.figures import fig_rounds
 
         return fig_rounds(result, Path(out))
     series = {k.replace("_", "-"): m["history"] for k, m in result["methods"].items() if m.get("history")}

@@ -1,10 +1,10 @@
 """TaskEdge vs TaskEdge + LoRA vs LoRA at about equal trainable parameters, and the cost of N:M, side by side.
 
-    python -m simulations.compare_variants --workers 2      # results/compare_variants.json (+ a markdown table)
+    python -m benchmarks.compare_variants --workers 2      # results/compare_variants.json (+ a markdown table)
 
-Accuracy: centralised fine-tuning (simulations/central.py, the federation's own build/train code)
+Accuracy: centralised fine-tuning (benchmarks/central.py, the federation's own build/train code)
 on every suite task x `--seeds` seeds, `--epochs` epochs, each method at its tuned rates
-(common/defaults.json; taskedge-lora's from `simulations.sweep --methods taskedge-lora`), test split
+(common/defaults.json; taskedge-lora's from `benchmarks.sweep --methods taskedge-lora`), test split
 reported, validation recorded. Variants (embedded ViT; trainable counts are printed):
 
   taskedge            2 % mask (4,269 entries), paper score
@@ -14,7 +14,7 @@ reported, validation recorded. Variants (embedded ViT; trainable counts are prin
                       TaskEdge score and the mask chosen among kept entries (the N:M accuracy cost)
 
 Cost (one process, `--threads` torch threads, batch `--batch` of the suite's 32 px images): per
-variant the simultaneous peak of tensor bytes over one training step (common.profiling.step_live_peak)
+variant the simultaneous peak of tensor bytes over one training step (benchmarks.profiling.step_live_peak)
 and the step time, median / min / max of `--reps` interleaved repetitions, also as ratios to the
 frozen-backbone floor (backprop to the input only).
 """
@@ -25,10 +25,10 @@ import json
 import time
 from pathlib import Path
 
-from simulations.central import Run, mean_sd, run_many
+from benchmarks.central import Run, mean_sd, run_many
 
 TE_BUDGET = 0.02
-TE_LORA = {"budget": 0.08, "lora_rank": 2}  # the shape simulations/sweep.py tunes taskedge-lora at
+TE_LORA = {"budget": 0.08, "lora_rank": 2}  # the shape benchmarks/sweep.py tunes taskedge-lora at
 MATCHED_RANK = 1
 
 VARIANTS = (  # label, Run overrides
@@ -79,9 +79,9 @@ def cost(batch: int, reps: int, threads: int, task: str) -> dict:
 
     from common.data import get_task, make_split
     from common.methods import base_model
-    from common.profiling import interleaved_times, step_live_peak, train_step
+    from benchmarks.profiling import interleaved_times, step_live_peak, train_step
     from common.train import make_optimizer
-    from simulations.central import prepare
+    from benchmarks.central import prepare
 
     torch.set_num_threads(threads)
     spec = get_task(task)
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     cst = cost(args.batch, args.reps, args.threads, tasks[0])
     md = table(acc, cst)
     doc = {"setup": {"tasks": tasks, "seeds": args.seeds, "epochs": args.epochs, "variants": dict(VARIANTS),
-                     "command": "python -m simulations.compare_variants"},
+                     "command": "python -m benchmarks.compare_variants"},
            "accuracy": acc, "cost": cst, "table_md": md,
            "seconds": {"accuracy": round(t_acc, 1), "total": round(time.perf_counter() - t0, 1)}}
     args.json.parent.mkdir(parents=True, exist_ok=True)

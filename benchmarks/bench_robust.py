@@ -1,6 +1,6 @@
 """Robust aggregation on the embedded default: accuracy with no attacker, and the damage one attacker does.
 
-    python -m simulations.bench_robust [--rounds 3 --nodes 5] --json results/bench_robust.json
+    python -m benchmarks.bench_robust [--rounds 3 --nodes 5] --json results/bench_robust.json
 
 Runs the real ClientApp and ServerApp code in-process (server/inprocess.py). One node (the first)
 is the attacker; its training replies are rewritten on the way back:
@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from simulations.report import emit
+from benchmarks.report import emit
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,7 +1,7 @@
 """Federated benchmark on the offline suite: every method, several partition seeds, IID and Dirichlet.
 
-    python -m simulations.bench_federation --workers 2                # full: results/bench_federation.json
-    python -m simulations.bench_federation --quick                    # CI-sized: 1 task, 1 seed, 2 rounds
+    python -m benchmarks.bench_federation --workers 2                # full: results/bench_federation.json
+    python -m benchmarks.bench_federation --quick                    # CI-sized: 1 task, 1 seed, 2 rounds
 
 Each run is one federation with the real ClientApp handlers and the real ServerApp phases and
 strategy (server/runner.py) over an in-process Grid (server/inprocess.py; messages are still
@@ -10,7 +10,7 @@ serialised and bytes are counted from the real records). Full mode: every suite 
 METHODS, `--rounds` rounds of `--local-epochs` local epochs on `--nodes` clients that share the
 task's 1,000 training examples; accuracy on the task's 1,000-example test split after every round.
 Runs are independent, so `--workers` processes (one torch thread each) run them side by side.
-Learning rates are every method's tuned defaults (common/defaults.json, from simulations/sweep.py);
+Learning rates are every method's tuned defaults (common/defaults.json, from benchmarks/sweep.py);
 TaskEdge variants differ only in the selection rule at the same number of trainable entries;
 LoRA runs at the default rank and at the rank matching TaskEdge's count.
 
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "nodes": args.nodes, "rounds": args.rounds, "local_epochs": args.local_epochs,
                   "batch_size": 32, "server_test_size": args.server_test_size, "workers": args.workers,
                   "methods": {k: table[k] for k in keys}, "selection": selection, "budget": DEFAULTS["budget"],
-                  "command": "python -m simulations.bench_federation" + (" --quick" if args.quick else "")},
+                  "command": "python -m benchmarks.bench_federation" + (" --quick" if args.quick else "")},
         "default_method": "taskedge-best",
         "default_selection": {"score": selection["score"], "allocation": selection["allocation"]},
         "tasks": agg.get(primary, {}).get("tasks", {}), "suite_mean": agg.get(primary, {}).get("suite_mean", {}),

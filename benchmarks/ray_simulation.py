@@ -3,7 +3,7 @@
 `flwr.simulation.run_simulation` passes no run config, so the server's defaults are the run config:
 callers set `common.settings.DEFAULTS` first (tests with monkeypatch, benchmarks for the run) and
 read the result from `server.server_app.LAST`. Shared by the tests' `simulate` fixture and
-`simulations/bench_fleet_sim.py`, so both start Ray the same way (1 CPU per actor, no dashboard, a
+`benchmarks/bench_fleet_sim.py`, so both start Ray the same way (1 CPU per actor, no dashboard, a
 short private temp dir, the checkout importable by the actors) and clean up after it.
 """
 from __future__ import annotations

@@ -6,9 +6,9 @@ per kernel offset (kh*kw passes over the activations per batch). "after" is ``co
 sum the squares over the batch first into a (C, H, W) map, and take the per-offset sums of that
 batch-size times smaller map once, when ``ss`` is read. Both timed passes read ``ss`` at the end (so
 the deferred reduction is inside the timing). Forward / before / after run interleaved round-robin
-(``common.profiling.interleaved_times``); ratios are medians of ``--reps`` over the forward's median.
+(``benchmarks.profiling.interleaved_times``); ratios are medians of ``--reps`` over the forward's median.
 
-    nice -n 10 .venv/bin/python -m simulations.bench_stats_pass --json results/bench_stats_pass.json
+    nice -n 10 .venv/bin/python -m benchmarks.bench_stats_pass --json results/bench_stats_pass.json
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import profiling
+from benchmarks import profiling
 from common import stats as statslib
 from common.config import TaskEdgeConfig
 from common.models import create_model

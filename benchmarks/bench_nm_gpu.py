@@ -20,7 +20,7 @@ median / min / max over `--reps` repetitions (>= 5). Also reported: conversion t
 weights, the largest output difference against dense, and achieved TFLOP/s. Prints one JSON
 object (and writes it with `--json`). Without CUDA it prints {"error": "no CUDA ..."} and exits 0.
 
-    python -m simulations.bench_nm_gpu --json results/nm_gpu.json
+    python -m benchmarks.bench_nm_gpu --json results/nm_gpu.json
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from simulations.report import emit
+from benchmarks.report import emit
 
 import torch
 from torch import nn

@@ -1,6 +1,6 @@
 """Selection beyond the paper, centrally: every score/allocation at equal trainable entries, over seeds.
 
-    python -m simulations.compare_scores --workers 15     # results/compare_scores.json, central_budget.json
+    python -m benchmarks.compare_scores --workers 15     # results/compare_scores.json, central_budget.json
 
 Stage 1 (`VARIANTS`): TaskEdge with each score x allocation at the default budget (the same number
 of trainable entries for all), plus references (head-only, LoRA at the rank matching TaskEdge's
@@ -21,7 +21,7 @@ import json
 import time
 from pathlib import Path
 
-from simulations.central import Run, mean_sd, run_many
+from benchmarks.central import Run, mean_sd, run_many
 
 # (label, score, allocation) at equal entries
 VARIANTS = (
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and d["score"] in UNIVERSAL_SCORES}
     winner = max(cands, key=lambda tag: cands[tag]["suite_val_mean"])
     sel = {"score": cands[winner]["score"], "allocation": cands[winner]["allocation"], "budget": budget,
-           "chosen_by": "best suite-mean validation accuracy in simulations/compare_scores.py", "label": winner}
+           "chosen_by": "best suite-mean validation accuracy in benchmarks/compare_scores.py", "label": winner}
     doc = {"setup": {"tasks": tasks, "seeds": seeds, "epochs": args.epochs, "budget": budget,
                      "rates": {m: _rates(m) for m in ("taskedge", "fedlora", "fedavg-full", "head-only")}},
            "variants": table, "selection": sel, "seconds": round(time.perf_counter() - t0, 1)}

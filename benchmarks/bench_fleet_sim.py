@@ -1,6 +1,6 @@
 """A Flower simulation at fleet shape: 100 SuperNodes, 10 sampled per round, on 2 cores; memory measured.
 
-    python -m simulations.bench_fleet_sim --json results/bench_fleet_sim.json
+    python -m benchmarks.bench_fleet_sim --json results/bench_fleet_sim.json
 
 Runs the real ServerApp and ClientApp through `flwr.simulation.run_simulation` (Ray backend, 2
 actors of 1 CPU each, as `flwr run .` on the embedded default), `--nodes` SuperNodes that share the
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from common import settings
     from server import server_app
-    from simulations.ray_simulation import run_ray_simulation
+    from benchmarks.ray_simulation import run_ray_simulation
 
     out_dir = tempfile.mkdtemp(prefix="fleet-runs-")  # the run's own results folder; only the summary is kept
     overrides = {"num-server-rounds": args.rounds, "fraction-train": args.fraction, "fraction-evaluate": 0.0,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"setup": {"nodes": args.nodes, "fraction_train": args.fraction, "rounds": args.rounds,
                      "actors": args.actors, "task": overrides.get("task", saved["task"]),
                      "method": overrides.get("method", saved["method"]),
-                     "command": "python -m simulations.bench_fleet_sim"},
+                     "command": "python -m benchmarks.bench_fleet_sim"},
            "wall_s": round(wall, 1), "memory": memory, "max_actor_processes_seen": sampler.max_actors,
            "final_acc": summary.get("final_acc"), "rounds_done": summary.get("rounds"),
            "upload_bytes_per_client_round": summary.get("upload_bytes_per_client_round"),

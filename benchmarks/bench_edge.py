@@ -6,16 +6,16 @@ initialised model (cost figures do not depend on the weights; no accuracy is mea
 trainable, trainable_pct
     trainable scalars (adapter / delta entries + head), and as % of the base model's parameters.
 peak_mb  (the simultaneous peak)
-    ``common.profiling.step_live_peak``: the high-water mark of live tensor bytes over one step,
+    ``benchmarks.profiling.step_live_peak``: the high-water mark of live tensor bytes over one step,
     run after a warm-up step — parameters + buffers + optimizer state (+ GaLore's projection
     matrices) + the input batch, plus every storage the step's aten ops create, added when created
     and removed when freed (saved activations, gradients as they accumulate, the temporaries of
     backward and of the optimizer step). Allocator-independent tensor bytes; not RSS.
 retained_mb
-    the older, additive accounting of ``common.profiling.step_memory`` (params + everything saved
+    the older, additive accounting of ``benchmarks.profiling.step_memory`` (params + everything saved
     for backward + all gradients + optimizer state), for comparison; it ignores that saved tensors
     are freed during backward and misses transient temporaries.
-flops  (per training step, ``common.flops.step_flops``)
+flops  (per training step, ``benchmarks.flops.step_flops``)
     forward + backward + optimizer. torch's FlopCounterMode (2 FLOPs per MAC of matmuls / convs),
     with the grouped/depthwise conv weight gradient corrected by ``groups``, TaskEdge's sparse value
     gradient added analytically (2·T·E), and AdamW's elementwise update as 14 FLOPs per optimizer
@@ -39,8 +39,8 @@ on random batches, plus dense head).
 Writes ``--json`` (default results/bench_edge.json) and ``--png`` (memory and FLOPs per method and
 architecture). ``--quick``: one model, two methods, a few steps (the test runs it).
 
-    nice -n 10 .venv/bin/python -m simulations.bench_edge
-    nice -n 10 .venv/bin/python -m simulations.bench_edge --quick --json /tmp/q.json --png ''
+    nice -n 10 .venv/bin/python -m benchmarks.bench_edge
+    nice -n 10 .venv/bin/python -m benchmarks.bench_edge --quick --json /tmp/q.json --png ''
 """
 from __future__ import annotations
 
@@ -60,8 +60,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common import baselines
-from common import flops as flopslib
-from common import profiling
+from benchmarks import flops as flopslib
+from benchmarks import profiling
 from common.config import TaskEdgeConfig
 from common.models import create_model
 from common.train import make_optimizer
@@ -311,8 +311,8 @@ def run(args) -> dict:
         "threads": args.threads,
         "galore_gap": args.galore_gap, "optimizer": "AdamW lr 1e-3", "init": "random (cost figures only)",
         "torch": torch.__version__, "loadavg_start": os.getloadavg()[0],
-        "memory": "simultaneous peak of live tensor bytes over one step (common.profiling.step_live_peak)",
-        "flops": "common.flops.step_flops: torch FlopCounterMode, grouped-conv weight grad / groups, "
+        "memory": "simultaneous peak of live tensor bytes over one step (benchmarks.profiling.step_live_peak)",
+        "flops": "benchmarks.flops.step_flops: torch FlopCounterMode, grouped-conv weight grad / groups, "
                  "TaskEdge value grad 2*T*E, AdamW 14/state element; SVD not counted"}}
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         res["models"][name] = bench_model(name, methods, args)

@@ -19,7 +19,7 @@ torch's OpenMP pool is up (the server imports torch), a threaded BLAS call such 
 `np.linalg.norm` of an 86k update (Flower's `get_norm`, used by the update clipping) was measured
 at ~25 ms instead of ~0.014 ms on a 2-core machine (threads oversubscribed), which dominated the round.
 
-    python -m simulations.bench_scale --json results/bench_scale.json
+    python -m benchmarks.bench_scale --json results/bench_scale.json
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from simulations.report import emit
+from benchmarks.report import emit
 
 import numpy as np
 

@@ -1,9 +1,9 @@
 """Every figure and the README results table of the suite study, from the results JSON files.
 
-    python -m simulations.figures          # results/*.png + results/results_table.md
+    python -m benchmarks.figures          # results/*.png + results/results_table.md
 
-Inputs (whatever exists): results/bench_federation.json (simulations/bench_federation.py),
-results/compare_scores.json and results/central_budget.json (simulations/compare_scores.py),
+Inputs (whatever exists): results/bench_federation.json (benchmarks/bench_federation.py),
+results/compare_scores.json and results/central_budget.json (benchmarks/compare_scores.py),
 results/fed_budget.json (bench_federation.py --budget-sweep), results/sweep.json.
 Outputs: fed_accuracy_rounds.png (suite-mean accuracy vs round, mean +- sd over partition seeds,
 one panel per partition), fed_accuracy_rounds_tasks.png (per task, Dirichlet), acc_vs_trainable.png

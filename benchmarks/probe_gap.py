@@ -7,7 +7,7 @@ number of epochs, plus a linear probe fitted to convergence (L-BFGS logistic
 regression on the frozen features), and prints one JSON line.  ``gap`` is full
 fine-tuning minus the better of the two probes, in accuracy points.
 
-    python -m simulations.probe_gap [--epochs 8]
+    python -m benchmarks.probe_gap [--epochs 8]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The cost of privacy on the embedded default: accuracy vs epsilon, and SecAgg+ vs plain aggregation.
 
-    python -m simulations.bench_privacy                      # 5 nodes, 5 rounds, 3 seeds (~35-40 min on 2 busy cores)
-    python -m simulations.bench_privacy --quick              # CI smoke: 2 nodes, 1 round, 1 seed (~1 min)
+    python -m benchmarks.bench_privacy                      # 5 nodes, 5 rounds, 3 seeds (~35-40 min on 2 busy cores)
+    python -m benchmarks.bench_privacy --quick              # CI smoke: 3 nodes, 1 round, 1 seed (~1 min)
 
 Runs the real ClientApp and ServerApp code in-process (server/inprocess.py, messages serialised).
 Every configuration clips each node's update to the same norm C (`--clip`), so the rows differ
@@ -165,11 +165,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--calib-size", type=int, default=64)
     ap.add_argument("--weights", default="", help="weights-path (default: the embedded pre-trained ViT)")
-    ap.add_argument("--quick", action="store_true", help="CI smoke: 2 nodes, 1 round, 1 seed, eps 8 and inf")
+    ap.add_argument("--quick", action="store_true", help="CI smoke: 3 nodes, 1 round, 1 seed, eps 8 and inf")
     ap.add_argument("--out", type=Path, default=ROOT / "results", help="folder for the JSON, figure and table")
     args = ap.parse_args(argv)
     if args.quick:
-        args.nodes, args.rounds, args.local_epochs, args.seeds = 2, 1, 1, [0]
+        args.nodes, args.rounds, args.local_epochs, args.seeds = 3, 1, 1, [0]  # SecAgg+ needs >= 3 nodes
         args.epsilons, args.test_size, args.calib_size = [8.0, math.inf], 200, 16
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

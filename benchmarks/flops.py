@@ -83,7 +83,7 @@ def sparse_value_grad_flops(model: nn.Module):
     """Yield a one-element list that accumulates, per forward of every sparse-delta layer whose
     values require grad, the analytic cost ``2 · T · E`` of its value gradient (see module doc).
     Layers in dense conv-grad mode are skipped (their weight gradient is an aten op torch counts)."""
-    from .layers import SparseDeltaConv2d, SparseDeltaLayer
+    from common.layers import SparseDeltaConv2d, SparseDeltaLayer
 
     acc = [0]
     handles = []

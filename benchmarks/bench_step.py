@@ -73,7 +73,7 @@ loaded machine two-thread wall-clock steps stall whenever a worker thread is des
 (SparseDeltaConv2d's flat gather over kernel offsets) vs "dense" (torch's dense weight
 gradient, then a gather), interleaved, and writes {"conv_micro": [...]}.
 
-The measuring itself (the accounting rules above, RSS, interleaved timing) is ``common.profiling``,
+The measuring itself (the accounting rules above, RSS, interleaved timing) is ``benchmarks.profiling``,
 tested on hand-computed byte counts; this entry point sets up the methods and writes the JSON.
 
 Default model: ``vit_base_patch16_224`` at img_size=64, batch 32, 2 threads (the issue's
@@ -82,12 +82,12 @@ longer on a loaded box; ``--model vit_small_patch16_224`` is ~4x faster; the emb
 ``taskedge-vit-tiny`` works too).
 ``--model-kwargs`` passes extra ``timm.create_model`` arguments (e.g. '{"depth": 2}'). Example:
 
-    python -m simulations.bench_step --methods floor,taskedge,lora,full,floor-stem --json results/bench_step.json
-    python -m simulations.bench_step --model resnet18 --img-size 64 --methods floor,taskedge,lora,full,floor-stem \
+    python -m benchmarks.bench_step --methods floor,taskedge,lora,full,floor-stem --json results/bench_step.json
+    python -m benchmarks.bench_step --model resnet18 --img-size 64 --methods floor,taskedge,lora,full,floor-stem \
         --json results/bench_step_conv.json
-    python -m simulations.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json
-    python -m simulations.bench_step --model mobilenetv3_small_100 --img-size 64
-    python -m simulations.bench_step --conv-micro
+    python -m benchmarks.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json
+    python -m benchmarks.bench_step --model mobilenetv3_small_100 --img-size 64
+    python -m benchmarks.bench_step --conv-micro
 """
 from __future__ import annotations
 
@@ -103,10 +103,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-if __package__ in (None, ""):  # `python simulations/bench_step.py` from the repository root
+if __package__ in (None, ""):  # `python benchmarks/bench_step.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import profiling  # noqa: E402
+from benchmarks import profiling  # noqa: E402
 from common.config import TaskEdgeConfig  # noqa: E402
 from common.models import create_model  # noqa: E402
 from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
