@@ -11,88 +11,20 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common import tuned as _tuned
-from common.config import ALLOCATIONS, SCORES, TaskEdgeConfig
-
-METHODS = ("taskedge", "fedavg-full", "fedlora", "taskedge-lora", "head-only")
-PARTITIONERS = ("iid", "dirichlet")
-RECONCILE = ("stats", "vote")
-SERVER_OPTS = ("fedavg", "fedavgm")
-AGGREGATIONS = ("mean", "trimmed", "median")
-STATS_AGGREGATIONS = ("sum", "median")
+from common.config import TaskEdgeConfig
+from common.options import (AGGREGATIONS, BY_KEY, METHODS, OPTIONS, PARTITIONERS, RECONCILE,  # noqa: F401
+                            SERVER_OPTS, STATS_AGGREGATIONS)
 
 # AdamW learning rates per method for the deltas/adapters/weights (`lr`) and the dense head (`head-lr`):
 # the best of one small sweep on the suite's validation splits (benchmarks/sweep.py -> common/defaults.json,
 # shared with simulations/finetune.py). The default selection (score, allocation) comes from the same file.
 METHOD_LR = _tuned.method_lr()
 METHOD_HEAD_LR = _tuned.method_head_lr()
-_SELECTION = _tuned.selection()
 
-# kebab-case key -> default. Sized for `flwr run .` with ~5 simulated clients on 2 CPU cores.
-DEFAULTS: dict[str, Any] = {
-    "method": "taskedge",            # taskedge | fedavg-full | fedlora
-    "model": "taskedge-vit-tiny",    # embedded pre-trained ViT, or any timm model name
-    "weights-path": "",              # local .safetensors/.pth for a timm model ("" = embedded/none)
-    "task": "shapes-downstream",     # built-in offline task (common.data)
-    "partitioner": "dirichlet",      # iid | dirichlet (flwr-datasets), simulation only
-    "alpha": 0.5,                    # Dirichlet concentration (smaller = more label skew)
-    "num-partitions": 0,             # 0 = take num-partitions from the node config
-    "num-server-rounds": 5,
-    "fraction-train": 1.0,
-    "fraction-evaluate": 1.0,
-    "min-nodes": 2,                  # wait for this many connected nodes before starting
-    "min-replies": 1,                # fewer valid training replies -> round skipped
-    "local-epochs": 2,
-    "batch-size": 32,
-    "lr": 0.0,                       # 0 = the method's default (METHOD_LR)
-    "head-lr": 0.0,                  # 0 = the method's default for the dense head (METHOD_HEAD_LR)
-    "budget": _SELECTION["budget"],  # fraction of backbone params (or a count >= 1); embedded ViT: 2% ~ LoRA r=1
-    "score": _SELECTION["score"],    # common/defaults.json: the winner of benchmarks/compare_scores.py
-    "allocation": _SELECTION["allocation"],
-    "nm": "",                        # N:M sparsity of the merged weights, e.g. "2:4" ("" = off; taskedge methods)
-    "reconcile": "stats",            # stats (exact, pooled) | vote (per-neuron vote of local top-k)
-    "reconcile-every": 0,            # re-reconcile every R rounds (0 = once)
-    "budget-ranks": "",              # simulation: per-partition budget ranks, e.g. "0,1" (0 = full mask)
-    "lora-rank": 8,                  # rank of fedlora's adapters; of B for taskedge-lora (dW = M ⊙ (B A))
-    "calib-size": 64,                # calibration samples per client (from its local train split)
-    "test-fraction": 0.2,            # share of a client's partition held out for local evaluation
-    "server-test-size": 1000,        # centralised test samples (0 = no centralised evaluation)
-    "server-opt": "fedavg",          # fedavg | fedavgm (seam for server optimizers)
-    "server-lr": 1.0,
-    "server-momentum": 0.9,
-    "aggregation": "mean",           # mean (FedAvg) | trimmed (per-entry trimmed mean) | median (per entry)
-    "trim-beta": 0.2,                # fraction cut at each end by `trimmed`
-    "clip-norm": 0.0,                # per-client update-norm bound; 0 = clip-factor x the round's median norm
-    "clip-factor": 3.0,              # adaptive bound factor (used when clip-norm = 0); 0 = no clipping
-    "max-examples": 0,               # largest credible num-examples per reply; 0 = the task's training split size
-    "stats-aggregation": "sum",      # sum (exact pooled statistics) | median (per column, robust to one client)
-    "round-timeout": 600.0,
-    "client-threads": 1,             # torch threads per ClientApp (node config "num-threads" wins)
-    "seed": 0,
-    "output-dir": "runs",            # run folder = output-dir/<timestamp>-<method>
-    "resume": "",                    # checkpoint.safetensors (or its run folder) to continue from
-    # privacy (server/privacy.py, server/secure.py, client/privacy.py; README "Privacy")
-    "secure-aggregation": False,     # Flower's SecAgg+ for the statistics and training rounds (server learns sums)
-    "secagg-num-shares": 1.0,        # SecAgg+ shares per node: <= 1 a fraction of the round's nodes, else a count
-    "secagg-reconstruction-threshold": 0.67,  # shares to reconstruct: <= 1 a fraction of the shares, else a count
-    "secagg-clipping-range": 0.0,    # quantizer range [-c, c]; 0 = the update bound (dp-clip-norm, else clip-norm)
-    "secagg-quantization-range": 4194304,  # quantization levels (2^22); x nodes must stay below the 2^32 modulus
-    "stats-clip-norm": 100.0,        # bound on a node's per-column mean-square vector (secure / DP statistics)
-    "dp": "none",                    # none | server | client: central DP with Flower's fixed-clipping wrappers
-    "dp-clipping": "fixed",          # fixed | adaptive (adaptive: dp=server only, not accounted by Flower 1.42)
-    "dp-clip-norm": 10.0,            # DP update clipping norm (embedded default: update norms ~11-14)
-    "dp-noise-multiplier": 1.0,      # Gaussian noise sd = multiplier x clip-norm on the sum of clipped updates
-    "dp-stats-noise-multiplier": 0.0,  # noise multiplier of the statistics release; 0 = dp-noise-multiplier
-    "max-epsilon": 0.0,              # stop before a release would push epsilon past this (0 = no limit)
-    "dp-delta": 1e-5,                # delta of the reported (epsilon, delta)
-    "uniform-weights": False,        # nodes report weight 1 (forced on with dp: the accountant needs equal weights)
-}
-
-
-# What a client needs to know; the server sends these in every message's ConfigRecord, so the
-# server's run config is the single source of truth (run_simulation gives clients no run config).
-CLIENT_KEYS = ("method", "model", "weights-path", "task", "partitioner", "alpha", "num-partitions", "seed",
-               "calib-size", "test-fraction", "lora-rank", "budget-ranks", "local-epochs", "batch-size", "lr",
-               "budget", "score", "allocation", "reconcile", "client-threads", "nm", "head-lr", "uniform-weights")
+# kebab-case key -> default, and the keys the nodes read, both from the one schema (common/options.py)
+DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
+CLIENT_KEYS = tuple(o.key for o in OPTIONS if o.side == "both")
+SELECTION_KEYS = ("budget", "score", "allocation", "nm")  # TaskEdgeConfig's fields: validated by it alone
 
 
 @dataclass(frozen=True)
@@ -102,6 +34,10 @@ class AppConfig:
     method: str
     model: str
     weights_path: str
+    data_path: str
+    server_data_path: str
+    num_classes: int
+    img_size: int
     task: str
     partitioner: str
     alpha: float
@@ -205,19 +141,16 @@ def _typed(key: str, value: Any) -> Any:
 
 
 def _check(cfg: dict[str, Any]) -> None:
-    choices = {"method": METHODS, "partitioner": PARTITIONERS, "reconcile": RECONCILE, "score": SCORES,
-               "allocation": ALLOCATIONS, "server-opt": SERVER_OPTS, "aggregation": AGGREGATIONS,
-               "stats-aggregation": STATS_AGGREGATIONS}
-    for key, allowed in choices.items():
-        if cfg[key] not in allowed:
-            raise _bad(key, f"must be one of {', '.join(allowed)}", cfg[key])
+    for o in OPTIONS:
+        if o.choices and o.key not in SELECTION_KEYS and cfg[o.key] not in o.choices:
+            raise _bad(o.key, f"must be one of {', '.join(map(str, o.choices))}", cfg[o.key])
     positive = ("alpha", "num-server-rounds", "min-nodes", "min-replies", "local-epochs", "batch-size",
-                "budget", "lora-rank", "calib-size", "server-lr", "round-timeout", "client-threads")
+                "lora-rank", "calib-size", "server-lr", "round-timeout", "client-threads")
     for key in positive:
         if not cfg[key] > 0:
             raise _bad(key, "must be > 0", cfg[key])
     for key in ("num-partitions", "reconcile-every", "server-test-size", "seed", "lr", "head-lr", "clip-norm", "clip-factor",
-                "max-examples"):
+                "max-examples", "num-classes", "img-size"):
         if cfg[key] < 0:
             raise _bad(key, "must be >= 0", cfg[key])
     for key in ("fraction-train", "fraction-evaluate"):
@@ -234,8 +167,8 @@ def _check(cfg: dict[str, Any]) -> None:
     if cfg["server-opt"] == "fedavgm" and cfg["aggregation"] != "mean":
         raise _bad("server-opt", f"fedavgm needs aggregation='mean' (aggregation is {cfg['aggregation']!r})",
                    cfg["server-opt"])
-    if cfg["budget"] >= 1 and not float(cfg["budget"]).is_integer():
-        raise _bad("budget", "a value >= 1 is an entry count and must be an integer", cfg["budget"])
+    if cfg["num-classes"] == 1:
+        raise _bad("num-classes", "a classifier needs at least 2 classes (0 = from the data)", 1)
     try:
         ranks = [int(r) for r in cfg["budget-ranks"].split(",") if r.strip()]
     except ValueError:
@@ -246,6 +179,7 @@ def _check(cfg: dict[str, Any]) -> None:
         nm = parse_nm(cfg["nm"])
     except ValueError as exc:
         raise _bad("nm", str(exc), cfg["nm"]) from None
+    _check_selection(cfg, nm)
     if nm is not None and cfg["method"] not in ("taskedge", "taskedge-lora"):
         raise _bad("nm", "N:M applies to the taskedge methods (their deltas live on kept entries)", cfg["nm"])
     if nm is not None and cfg["reconcile"] != "stats":
@@ -256,6 +190,21 @@ def _check(cfg: dict[str, Any]) -> None:
     _check_privacy(cfg)
     if cfg["model"] == "":
         raise _bad("model", "must name an embedded or timm model", cfg["model"])
+
+
+def _check_selection(cfg: dict[str, Any], nm: tuple[int, int] | None) -> None:
+    """budget, score, allocation and nm are TaskEdgeConfig's fields: its validation is the only one, and its
+    message is given back under the run-config key it concerns."""
+    budget = cfg["budget"]
+    try:
+        TaskEdgeConfig(budget=int(budget) if isinstance(budget, (int, float)) and budget >= 1
+                       and float(budget).is_integer() else budget, score=cfg["score"],
+                       allocation=cfg["allocation"], nm=nm)
+    except ValueError as exc:
+        msg = str(exc)
+        key = msg.split()[0].rstrip(":")
+        key = key if key in SELECTION_KEYS else "budget"
+        raise ValueError(f"run config '{key}': {msg[len(key):].lstrip(': ') if msg.startswith(key) else msg}") from None
 
 
 def _check_privacy(cfg: dict[str, Any]) -> None:

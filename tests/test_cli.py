@@ -154,14 +154,3 @@ def test_finetune_rejects_bad_options(args, option):
     assert "error: argument " + option in last, last
     assert "Traceback" not in proc.stderr
     assert seconds < 5.0, seconds  # rejected before torch is imported
-
-
-def test_pyproject_app_config_lists_every_setting_with_its_default():
-    """`flwr run --run-config` refuses keys the app config lacks: the two must not drift apart."""
-    import tomllib
-    from pathlib import Path
-
-    from common.settings import DEFAULTS
-
-    app = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
-    assert app["config"] == DEFAULTS
