@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from common.allocation import Mask
 from common.local import local_eval, local_gradients, local_stats, local_train, local_vote
 from common.methods import MASK_METHODS, base_model, get_arrays, method_model, node_mask, set_arrays
-from common.partition import node_data
+from common.partition import node_class_names, node_data
 from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
 from common.wire import put, take
 
@@ -67,9 +67,7 @@ def stats(msg: Message, context: Context) -> Message:
     signed calibration-gradient sums for score='gradient')."""
     cfg = _config(msg, context)
     tcfg, data = cfg.taskedge_config(), node_data(cfg, context.node_config)
-    from common.data import get_task
-
-    model = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+    model = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
     st = local_stats(model, tcfg, data.x_calib, cfg.batch_size)
     content = RecordDict({"stats": _record(st), "info": MetricRecord({"num-examples": len(data.x_train),
                                                                       "calib-examples": len(data.x_calib)})})
@@ -78,6 +76,13 @@ def stats(msg: Message, context: Context) -> Message:
     if tcfg.score == "gradient":
         content["grads"] = _record(local_gradients(model, tcfg, data.x_calib, data.y_calib, cfg.batch_size))
     return Message(content, reply_to=msg)
+
+
+def classes(msg: Message, context: Context) -> Message:
+    """The class names of this node's dataset: the server fixes the federation's classes from them."""
+    cfg = _config(msg, context)
+    return Message(RecordDict({"classes": ConfigRecord({"class-names": node_class_names(cfg, context.node_config)})}),
+                   reply_to=msg)
 
 
 def install_mask(msg: Message, context: Context) -> Message:
@@ -142,6 +147,7 @@ def create_app(mods: tuple = ()) -> ClientApp:
     The privacy mods (client/privacy.py: SecAgg+, DP clipping, uniform weights) always come first;
     they act only on messages that ask for them, so one app serves plain and private runs."""
     client = ClientApp(mods=[*privacy_mods(lambda m, c: client(m, c)), *mods])
+    client.query("classes")(classes)
     client.query("stats")(stats)
     client.query("mask")(install_mask)
     client.train()(train)

@@ -92,9 +92,7 @@ def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None 
 
 def method_model(cfg: AppConfig, mask: Mask | None = None) -> nn.Module:
     """The trainable model of `cfg.method` on a fresh copy of the pre-trained backbone."""
-    from common.data import get_task
-
-    base = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+    base = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
     model = build(cfg.method, base, cfg.taskedge_config(), mask, cfg.lora_rank, cfg.seed)
     setattr(model, HEAD_LR_ATTR, cfg.effective_head_lr)  # the head's AdamW rate (common.train.make_optimizer reads it)
     return model

@@ -54,6 +54,8 @@ OPTIONS: tuple[Option, ...] = (
            "headline accuracy is the federated evaluation)"),
     Option("num-classes", 0, "head size; 0 = from the data (the union of the nodes' labels) or the task",
            side="both"),
+    Option("class-names", "", "the federation's classes, a JSON list or comma-separated (\"\" = the sorted union of "
+           "the nodes' class names, or the task's)", side="both"),
     Option("img-size", 0, "input size; 0 = the model's own (timm's data config; embedded models: 32)",
            side="both"),
     Option("task", "shapes-downstream", "built-in offline task (common.data), used when data-path is \"\"",

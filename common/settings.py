@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common import tuned as _tuned
+from common.classes import parse_class_names
 from common.config import TaskEdgeConfig
 from common.options import (AGGREGATIONS, BY_KEY, METHODS, OPTIONS, PARTITIONERS, RECONCILE,  # noqa: F401
                             SERVER_OPTS, STATS_AGGREGATIONS)
@@ -37,6 +38,7 @@ class AppConfig:
     data_path: str
     server_data_path: str
     num_classes: int
+    class_names: str
     img_size: int
     task: str
     partitioner: str
@@ -107,6 +109,23 @@ class AppConfig:
                               nm=parse_nm(self.nm))
 
     @property
+    def classes(self) -> list[str]:
+        """The federation's class names: `class-names` (set by the server from the nodes' data), else the task's."""
+        from common.classes import parse_class_names
+
+        names = parse_class_names(self.class_names)
+        if names:
+            return names + [f"class-{i}" for i in range(len(names), self.num_classes)]
+        from common.data import get_task
+
+        return list(get_task(self.task).class_names)
+
+    @property
+    def head_size(self) -> int:
+        """Output size of the classifier head: `num-classes`, else the number of classes."""
+        return max(self.num_classes, len(self.classes))
+
+    @property
     def effective_head_lr(self) -> float:
         """The dense head's AdamW rate: `head-lr`, or the method's tuned default when it is 0."""
         return self.head_lr or METHOD_HEAD_LR[self.method]
@@ -169,6 +188,14 @@ def _check(cfg: dict[str, Any]) -> None:
                    cfg["server-opt"])
     if cfg["num-classes"] == 1:
         raise _bad("num-classes", "a classifier needs at least 2 classes (0 = from the data)", 1)
+    try:
+        names = parse_class_names(cfg["class-names"])
+    except ValueError as exc:
+        raise _bad("class-names", str(exc), cfg["class-names"]) from None
+    if len(names) == 1:
+        raise _bad("class-names", "a classifier needs at least 2 classes", cfg["class-names"])
+    if names and cfg["num-classes"] and cfg["num-classes"] < len(names):
+        raise _bad("num-classes", f"smaller than the {len(names)} class-names", cfg["num-classes"])
     try:
         ranks = [int(r) for r in cfg["budget-ranks"].split(",") if r.strip()]
     except ValueError:

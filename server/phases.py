@@ -12,11 +12,15 @@ Every reply is validated; a bad one is dropped with a reason in the run's result
 """
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+
 import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.allocation import Mask
+from common.classes import global_classes, parse_class_names
 from common.methods import base_model
 from common.privacy import clip_stats
 from common.settings import AppConfig
@@ -32,9 +36,7 @@ from .recorder import RoundLog
 
 def server_model(cfg: AppConfig):
     """The server's copy of the frozen pre-trained model (masks are built on it; statistics are probed on it)."""
-    from common.data import get_task
-
-    return base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+    return base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
 
 
 def send_query(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, nodes: list[int], kind: str) -> dict:
@@ -61,6 +63,32 @@ def stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple],
     size = get_task(cfg.task).image_size
     probe = collect_stats(base, targets, [torch.zeros(1, 3, size, size)])
     return ({n: tuple(st.ss.shape) for n, st in probe.items()}, {n: int(st.n) for n, st in probe.items()})
+
+
+def classes_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -> AppConfig:
+    """Ask `nodes` for the class names of their data and fix the federation's classes (common/classes.py).
+
+    The run config with `class-names` / `num-classes` set when they differ from the task's (every later
+    message carries them); unchanged when every node holds the built-in task. A node whose reply is bad is
+    dropped with a reason; none valid: an error naming the reasons."""
+    replies = send_query(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "classes")
+    reports = []
+    for nid in nodes:
+        try:
+            if nid not in replies:
+                raise validate.BadReply("no reply before the timeout")
+            reports.append(validate.classes_reply(replies[nid]))
+        except Exception as exc:  # noqa: BLE001 - one reply never stops the phase
+            log.drop(nid, f"classes: {exc}")
+    if not reports:
+        why = "; ".join(d["reason"] for d in log.dropped[-3:])
+        raise RuntimeError(f"classes phase: no node reported its classes ({why})")
+    names = global_classes(reports, parse_class_names(cfg.class_names), cfg.num_classes)
+    if names == cfg.classes and len(names) == cfg.head_size:
+        return cfg
+    log.info("Classes: %d (%s%s), from %s", len(names), ", ".join(names[:6]), ", ..." if len(names) > 6 else "",
+             "the run config" if cfg.class_names else f"the {len(reports)} node(s)' data")
+    return replace(cfg, class_names=json.dumps(names), num_classes=len(names))
 
 
 def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -> Mask | None:

@@ -10,7 +10,7 @@ so it evaluates centrally and hands the result to the recorder, which closes the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +23,13 @@ from common.local import local_eval
 from common.data import get_task
 from common.methods import (MASK_METHODS, base_model, carry_arrays, export, get_arrays, method_model, num_entries,
                             set_arrays)
-from common.partition import server_test_split
+from common.partition import server_test_set
 from common.settings import AppConfig
 
 from .checkpoint import Checkpoint, export_model, load_checkpoint
 from .guard import ReplyGuard
 from .messages import array_record, wait_for_nodes
-from .phases import MaskDelivery, max_examples, statistics_phase
+from .phases import MaskDelivery, classes_phase, max_examples, statistics_phase
 from .recorder import RoundLog, RunRecorder, new_run_dir
 from .privacy import Privacy, PrivacyBudgetExhausted
 from .robust import UpdateClipping
@@ -123,8 +123,11 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     ck = load_checkpoint(cfg.resume) if cfg.resume else None
     if ck is not None and ck.method != cfg.method:
         raise ValueError(f"run config 'resume': checkpoint is for method {ck.method!r}, not {cfg.method!r}")
-    delivery = MaskDelivery(cfg, log) if cfg.method in MASK_METHODS else None
     nodes = wait_for_nodes(grid, cfg.min_nodes)  # min-nodes: only before the first phase (no time limit)
+    # the classes the data names (every later message carries them); a resumed run keeps the checkpoint's
+    cfg = fed.cfg = (replace(cfg, **{k.replace("-", "_"): ck.config[k] for k in ("class-names", "num-classes")
+                                     if k in ck.config}) if ck is not None else classes_phase(grid, cfg, nodes, log))
+    delivery = MaskDelivery(cfg, log) if cfg.method in MASK_METHODS else None
     connected = _Nodes(grid, cfg, log, fed.run_dir, nodes)
     privacy = Privacy(cfg, log, delivery, nodes, fed.run_dir)  # inactive unless secure-aggregation / dp is set
     privacy.plan(cfg.num_server_rounds - (ck.round if ck else 0), int(delivery is not None and ck is None)
@@ -166,6 +169,9 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
                        private=privacy.dp, positions=delivery.positions if nested and not cfg.secure_aggregation else None)
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
     model = method_model(cfg, fed.mask)
+    test_set = server_test_set(cfg)
+    log.info("Headline accuracy: %s", "the server's test set (%s)" % (cfg.server_data_path or f"task {cfg.task}")
+             if test_set is not None else "federated evaluation (the nodes' own test splits; no server test set)")
     first = True
 
     def end_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -174,9 +180,9 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
             return None  # a later segment's start: the round was closed already
         fed.arrays = _arrays(arrays)
         central = None
-        if cfg.server_test_size > 0:
+        if test_set is not None:
             set_arrays(cfg.method, model, fed.arrays)
-            central = local_eval(model, *server_test_split(cfg.task, cfg.server_test_size))
+            central = local_eval(model, *test_set)
         rnd = done + server_round
         recorder.end_round(rnd, central, Checkpoint(rnd, cfg.method, fed.arrays, fed.mask, fed.mask_version,
                                                     momentum_state(strategy, keys), cfg.to_dict()),
@@ -212,7 +218,7 @@ def _stop_before_training(fed: Federation, log: RoundLog, privacy: Privacy) -> t
     """The run ends before any release: the pre-trained model, unchanged, is the final model."""
     cfg = fed.cfg
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
-    base = base_model(cfg.model, get_task(cfg.task).num_classes, cfg.weights_path, cfg.seed)
+    base = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
     fed.dropped = log.dropped
     return fed, _finish(fed, recorder, base, privacy.summary(), method="head-only")
 
@@ -233,9 +239,26 @@ def _finish(fed: Federation, recorder: RunRecorder, model, extra: dict | None = 
         summary["run_dir"] = str(fed.run_dir)
         recorder.summary = summary
         stopped = (extra or {}).get("stopped")
-        recorder.status = f"stopped: {stopped}" if stopped else "complete"
+        failing = failed_every_round(fed)
+        if failing:
+            summary["failed_nodes"] = failing
+        recorder.status = (f"stopped: {stopped}" if stopped else
+                           f"degraded: {len(failing)} node(s) failed every round ({failing[0]['reason']})"
+                           if failing else "complete")
+        summary["status"] = recorder.status
         recorder.write()
     return summary
+
+
+def failed_every_round(fed: Federation) -> list[dict]:
+    """Nodes whose replies were dropped in every training round of the run, with their first reason: a run
+    in which a node never counted is not `complete` (a missing data-path used to end that way, exit 0)."""
+    rounds = {r["round"] for r in fed.history if "sent" in r}
+    by_node: dict[int, list[dict]] = {}
+    for d in fed.dropped:
+        by_node.setdefault(d["node"], []).append(d)
+    return [{"node": n, "reason": ds[0]["reason"]} for n, ds in sorted(by_node.items())
+            if rounds and rounds <= {d["round"] for d in ds}]
 
 
 def summarize(history: list[dict], method: str) -> dict:

@@ -5,7 +5,7 @@
 """
 from __future__ import annotations
 
-from logging import INFO
+from logging import ERROR, INFO
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
@@ -28,6 +28,12 @@ def main(grid: Grid, context: Context) -> None:
         fed, summary = run_federation(grid, cfg)
     LAST.update(summary=summary, history=fed.history, dropped=fed.dropped, run_dir=str(fed.run_dir))
     log(INFO, "Results: %s", fed.run_dir)
-    log(INFO, "Final accuracy %s after %d rounds; %.0f B up / %.0f B down per client per round",
-        summary.get("final_acc"), summary["rounds"], summary["upload_bytes_per_client_round"],
+    source = "server test set" if summary.get("final_acc") is not None else "federated evaluation"
+    acc = summary.get("final_acc") if summary.get("final_acc") is not None else summary.get("final_fed_acc")
+    log(INFO, "Final accuracy %s (%s) after %d rounds; %.0f B up / %.0f B down per client per round",
+        acc, source, summary["rounds"], summary["upload_bytes_per_client_round"],
         summary["download_bytes_per_client_round"])
+    if str(summary.get("status", "")).startswith("degraded"):
+        for f in summary["failed_nodes"]:
+            log(ERROR, "Node %d failed every round: %s", f["node"], f["reason"])
+        raise RuntimeError(f"run {summary['status']}")  # Flower marks the run failed: a non-zero exit

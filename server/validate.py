@@ -20,7 +20,9 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+
+from common.classes import check_names
 
 MAX_ABS = 1e6  # largest credible |value| of a trained array entry
 MAX_MEAN_SQUARE = 1e24  # largest credible per-column mean square of an activation (RMS 1e12)
@@ -206,3 +208,15 @@ def within_submask(values: np.ndarray, sent: np.ndarray, positions: np.ndarray) 
     if changed:
         raise BadReply(f"{changed} packed entries outside the node's budget-rank sub-mask differ from what was sent "
                        f"(a node trains only its own sub-mask)")
+
+
+def classes_reply(msg: Message) -> list[str]:
+    """The class names of a node's data (a ConfigRecord 'classes' with a list of strings), or BadReply."""
+    check_error(msg, ("classes",))
+    rec = _record(msg, "classes", ConfigRecord)
+    names = rec.get("class-names")
+    try:
+        check_names(names if isinstance(names, list) else None)
+    except ValueError as exc:
+        raise BadReply(f"'class-names': {exc}") from None
+    return list(names)
