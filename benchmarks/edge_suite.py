@@ -21,7 +21,7 @@ Stages (finished fine-tuning runs are kept in ``--cache``, JSON lines, so a reru
 5. **upload** — bytes a client sends per round, for the methods the federation runs (taskedge,
    fedlora, fedavg-full, head-only): the float32 arrays of ``common.methods.get_arrays``.
 
-Writes ``<out>/edge_suite.json``, ``edge_suite.md`` (the README table) and the figures
+Writes ``<out>/edge_suite.json``, ``edge_suite.md`` (the table in docs/results.md) and the figures
 ``edge_acc_vs_trainable.png``, ``edge_shift_unseen.png``, ``edge_cost.png``.
 """
 from __future__ import annotations
@@ -329,8 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--no-sweeps", action="store_true")
     p.add_argument("--cache", type=Path, default=Path("results/edge_runs.jsonl"))
     p.add_argument("--out", type=Path, default=Path("results"))
-    p.add_argument("--readme", type=Path, default=Path("README.md"),
-                   help="README whose edge-suite block gets the table (not with --quick; '' = none)")
+    p.add_argument("--readme", type=Path, default=Path("docs/results.md"),
+                   help="document whose edge-suite block gets the table (not with --quick; '' = none)")
     p.add_argument("--quick", action="store_true", help="one model, two methods, one task, 1 epoch, 1 seed")
     p.add_argument("--replot", action="store_true", help="run nothing: table, figures and README from <out>/edge_suite.json")
     a = p.parse_args(argv)

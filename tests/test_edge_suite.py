@@ -43,11 +43,11 @@ def test_readme_block_is_replaced_between_markers(tmp_path):
     assert not edge_suite.update_readme(plain, "| new |") and plain.read_text() == "no markers\n"
 
 
-def test_readme_shows_the_committed_edge_table():
+def test_results_doc_shows_the_committed_edge_table():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     table = (root / "results" / "edge_suite.md").read_text().strip()
-    readme = (root / "README.md").read_text()
+    readme = (root / "docs" / "results.md").read_text()
     block = readme.split(edge_suite.README_BEGIN, 1)[1].split(edge_suite.README_END, 1)[0].strip()
     assert block == table  # regenerate both with: python -m benchmarks.edge_suite

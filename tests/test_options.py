@@ -17,8 +17,8 @@ def test_pyproject_app_config_is_the_schema_table():
     assert block == pyproject_table(), REGEN.format("pyproject_table")
 
 
-def test_readme_run_config_table_is_the_schema_table():
-    text = (ROOT / "README.md").read_text()
+def test_docs_run_config_table_is_the_schema_table():
+    text = (ROOT / "docs" / "configuration.md").read_text()
     start, end = "<!-- run-config:start -->\n", "<!-- run-config:end -->"
     assert text[text.index(start) + len(start):text.index(end)] == readme_table(), REGEN.format("readme_table")
 
