@@ -93,33 +93,29 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=Path("results/bench_fleet_sim.json"))
     args = ap.parse_args(argv)
 
-    from common import settings
-    from server import server_app
     from benchmarks.ray_simulation import run_ray_simulation
+    from common.settings import DEFAULTS
+    from server import server_app
 
     out_dir = tempfile.mkdtemp(prefix="fleet-runs-")  # the run's own results folder; only the summary is kept
     overrides = {"num-server-rounds": args.rounds, "fraction-train": args.fraction, "fraction-evaluate": 0.0,
                  "partitioner": args.partitioner,
                  "min-nodes": args.nodes, "test-fraction": 0.0, "server-test-size": args.server_test_size,
                  "output-dir": out_dir}
-    saved = dict(settings.DEFAULTS)
-    settings.DEFAULTS.update(overrides)  # run_simulation passes no run config: the server's defaults are it
     sampler = MemorySampler(args.interval)
     sampler.start()
     t0 = time.perf_counter()
     try:
-        run_ray_simulation(args.nodes, num_cpus=args.actors)
+        run_ray_simulation(args.nodes, num_cpus=args.actors, run_config=overrides)
     finally:
         wall = time.perf_counter() - t0
         memory = sampler.stop()
         shutil.rmtree(out_dir, ignore_errors=True)
-        settings.DEFAULTS.clear()
-        settings.DEFAULTS.update(saved)
     summary = server_app.LAST.get("summary", {})
     hist = server_app.LAST.get("history", [])
     doc = {"setup": {"nodes": args.nodes, "fraction_train": args.fraction, "rounds": args.rounds,
-                     "actors": args.actors, "task": overrides.get("task", saved["task"]),
-                     "method": overrides.get("method", saved["method"]),
+                     "actors": args.actors, "task": overrides.get("task", DEFAULTS["task"]),
+                     "method": overrides.get("method", DEFAULTS["method"]),
                      "command": "python -m benchmarks.bench_fleet_sim"},
            "wall_s": round(wall, 1), "memory": memory, "max_actor_processes_seen": sampler.max_actors,
            "final_acc": summary.get("final_acc"), "rounds_done": summary.get("rounds"),

@@ -1,7 +1,7 @@
 """ServerApp (Flower Message API): parse + validate the run config, then run the federation.
 
 `LAST` keeps the latest run's summary for in-process callers (pytest, run_simulation):
-`flwr.simulation.run_simulation` returns None.
+`flwr.simulation.run_simulation` returns None. `create_app(run_config)` gives such callers their run config.
 """
 from __future__ import annotations
 
@@ -16,13 +16,19 @@ from common.settings import parse_run_config
 from .quiet import quiet_flower
 from .runner import run_federation
 
-app = ServerApp()
 LAST: dict = {}
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    cfg = parse_run_config(context.run_config)  # fails here, naming the key, on a bad value
+def create_app(run_config: dict | None = None) -> ServerApp:
+    """The ServerApp; `run_config` entries win over the context's (`flwr.simulation.run_simulation` passes
+    none, so in-process callers give theirs here; the nodes get the result in every message)."""
+    server = ServerApp()
+    server.main()(lambda grid, context: main(grid, context, run_config))
+    return server
+
+
+def main(grid: Grid, context: Context, overrides: dict | None = None) -> None:
+    cfg = parse_run_config({**context.run_config, **(overrides or {})})  # fails here, naming the key
     LAST.clear()
     with quiet_flower():
         fed, summary = run_federation(grid, cfg)
@@ -37,3 +43,6 @@ def main(grid: Grid, context: Context) -> None:
         for f in summary["failed_nodes"]:
             log(ERROR, "Node %d failed every round: %s", f["node"], f["reason"])
         raise RuntimeError(f"run {summary['status']}")  # Flower marks the run failed: a non-zero exit
+
+
+app = create_app()

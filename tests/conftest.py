@@ -36,20 +36,14 @@ def weights(tmp_path_factory):
 
 
 @pytest.fixture
-def simulate(monkeypatch):
-    """Run the real ServerApp and ClientApp on Flower's Ray simulation (3 SuperNodes, 1 CPU each).
-
-    `run_simulation` gives the apps an empty run config, so `overrides` are set as the server's
-    defaults (the server sends them to the clients in every message). Returns the ServerApp's LAST.
-    """
+def simulate():
+    """Run the real ServerApp and ClientApp on Flower's Ray simulation (3 SuperNodes, 1 CPU each), with
+    `overrides` as the run config (the server sends it to the nodes). Returns the ServerApp's LAST."""
     def run(overrides: dict, num_supernodes: int = 3) -> dict:
-        from common import settings
-        from server import server_app
         from benchmarks.ray_simulation import run_ray_simulation
+        from server import server_app
 
-        for key, value in overrides.items():
-            monkeypatch.setitem(settings.DEFAULTS, key, value)
-        run_ray_simulation(num_supernodes, num_cpus=2)
+        run_ray_simulation(num_supernodes, num_cpus=2, run_config=overrides)
         return server_app.LAST
 
     return run

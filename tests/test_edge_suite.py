@@ -12,14 +12,19 @@ def test_quick_mode_writes_table_figures_and_resumes(tmp_path, capsys):
     (model,) = data["test"]
     assert model == "taskedge-vit-tiny" and set(data["test"][model]) == {"linear", "taskedge"}
     lin, te = data["test"][model]["linear"], data["test"][model]["taskedge"]
-    assert 0.0 <= lin["suite_mean"] <= 1.0 and 0.0 <= te["suite_mean"] <= 1.0
+    # the suite mean is the mean of the raw test runs in the cache (read independently of the summary)
+    raw = [json.loads(line) for line in cache.read_text().splitlines()]
+    for label, summary in (("linear", lin), ("taskedge", te)):
+        accs = [r["acc"] for r in raw if r["tag"] == label and r["eval_split"] == "test"]
+        assert accs and summary["suite_mean"] == sum(accs) / len(accs), label
     assert lin["trainable"] == lin["trainable_head"] and te["trainable_body"] > 0  # TaskEdge trains entries too
     # upload per round: the head alone (float32) for the linear probe; more for TaskEdge
     assert data["upload"][model]["linear"] == 4 * lin["trainable_head"]
     assert data["upload"][model]["taskedge"] > data["upload"][model]["linear"]
     assert data["upload"][model]["full"] > data["upload"][model]["lora"] > data["upload"][model]["taskedge"]
     cost = data["cost"]["models"][model]["methods"]
-    assert set(cost) == {"linear", "taskedge"} and cost["taskedge"]["peak_mb"] > 0
+    assert set(cost) == {"linear", "taskedge"}
+    assert cost["taskedge"]["peak_mb"] >= 4 * 214_003 / 1e6  # at least the float32 parameters are resident
     md = (tmp_path / "edge_suite.md").read_text()
     assert f"| {model} | taskedge |" in md and f"| {model} | linear |" in md
     for name in ("edge_acc_vs_trainable.png", "edge_shift_unseen.png", "edge_cost.png"):

@@ -135,8 +135,6 @@ def test_conv_value_grad_times_row():
     row = P.conv_value_grad_times(2, 4, 6, 3, 1, torch.Generator().manual_seed(0), warmup=1, reps=2)
     assert {k: row[k] for k in ("shape", "kernel", "stride", "entries")} == {
         "shape": [2, 4, 6, 6], "kernel": 3, "stride": 1, "entries": 4}
-    assert row["sparse_ms"] > 0 and row["dense_ms"] > 0
-    assert row["sparse_over_dense"] == row["sparse_ms"] / row["dense_ms"]
 
 
 def test_conv_value_grad_times_refuses_to_time_a_wrong_gradient(monkeypatch):
