@@ -62,10 +62,10 @@ if __package__ in (None, ""):
 from common import baselines
 from benchmarks import flops as flopslib
 from benchmarks import profiling
-from common.config import TaskEdgeConfig
+from common.taskedge.config import TaskEdgeConfig
 from common.models import create_model
 from common.train import make_optimizer
-from common.tuner import collect_norms, get_taskedge_model, target_modules
+from common.taskedge.tuner import collect_norms, get_taskedge_model, target_modules
 
 MIB = profiling.MIB
 METHODS = ("linear", "bn_head", "bitfit", "full", "lora", "lora_dw", "dora", "galore", "taskedge")

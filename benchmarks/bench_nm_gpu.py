@@ -3,7 +3,7 @@
 The stack is ViT-B's MLP shape by default: `--layers` x (Linear(d, 4d) -> GELU -> Linear(4d, d)),
 d = 768, 12 layers, tokens = 32 x 197 (a batch of 32 images at 224 px). Weights are random and
 pruned to 2:4 along the input by magnitude (what a merged N:M TaskEdge run exports), then
-converted with `common.nm.to_semi_structured` (`torch.sparse.to_sparse_semi_structured`).
+converted with `common.taskedge.nm.to_semi_structured` (`torch.sparse.to_sparse_semi_structured`).
 
 For every dtype (fp16, bf16), token count and backend (dense; semi-structured via cuSPARSELt and
 via CUTLASS, where torch offers them):
@@ -38,7 +38,7 @@ from torch import nn
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.nm import nm_violations, semi_structured_unsupported, to_semi_structured  # noqa: E402
+from common.taskedge.nm import nm_violations, semi_structured_unsupported, to_semi_structured  # noqa: E402
 
 
 def make_stack(layers: int, d: int, dtype: torch.dtype, seed: int = 0) -> nn.Sequential:

@@ -2,7 +2,7 @@
 
 "before" is the previous ``FeatureStats.add_batch`` Conv2d path (kept here verbatim as
 ``_per_offset_add_batch``): square the padded batch, then one strided-view sum over the whole batch
-per kernel offset (kh*kw passes over the activations per batch). "after" is ``common.stats`` now:
+per kernel offset (kh*kw passes over the activations per batch). "after" is ``common.taskedge.stats`` now:
 sum the squares over the batch first into a (C, H, W) map, and take the per-offset sums of that
 batch-size times smaller map once, when ``ss`` is read. Both timed passes read ``ss`` at the end (so
 the deferred reduction is inside the timing). Forward / before / after run interleaved round-robin
@@ -26,10 +26,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import profiling
-from common import stats as statslib
-from common.config import TaskEdgeConfig
+from common.taskedge import stats as statslib
+from common.taskedge.config import TaskEdgeConfig
 from common.models import create_model
-from common.tuner import target_modules
+from common.taskedge.tuner import target_modules
 
 CASES = (("taskedge-mobilenetv2-tiny", 32), ("taskedge-resnet-tiny", 32), ("mobilenetv2_050", 64), ("resnet18", 64))
 

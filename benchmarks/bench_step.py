@@ -107,9 +107,9 @@ if __package__ in (None, ""):  # `python benchmarks/bench_step.py` from the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import profiling  # noqa: E402
-from common.config import TaskEdgeConfig  # noqa: E402
+from common.taskedge.config import TaskEdgeConfig  # noqa: E402
 from common.models import create_model  # noqa: E402
-from common.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
+from common.taskedge.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
 
 METHODS = ("floor", "taskedge", "lora", "full", "taskedge-lora", "floor-stem")
 DEFAULT_METHODS = ("floor", "taskedge", "lora", "full")
@@ -171,7 +171,7 @@ def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optim
     elif method == "full":
         model.requires_grad_(True)
     elif method == "taskedge-lora":
-        from common.lora import TaskEdgeLoRAConfig, get_taskedge_lora_model
+        from common.taskedge.lora import TaskEdgeLoRAConfig, get_taskedge_lora_model
 
         cfg = TaskEdgeLoRAConfig(budget=args.te_lora_budget, r=args.te_lora_rank, save_dtype=args.save_dtype,
                                  conv_grad=args.conv_grad)

@@ -70,11 +70,11 @@ def column_stats(mask) -> dict:
 def prepare(run: Run, base, calib: tuple | None) -> tuple:
     """The run's trainable model on `base` (in place for the mask methods) and its mask (None for the
     others), the mask calibrated on `calib` = (x, y): the federation's own build path, without Flower."""
-    from common.config import TaskEdgeConfig
+    from common.taskedge.config import TaskEdgeConfig
     from common.methods import MASK_METHODS, build
     from common.settings import parse_nm
     from common.train import batches
-    from common.tuner import build_mask, calibrate
+    from common.taskedge.tuner import build_mask, calibrate
 
     tcfg = TaskEdgeConfig(budget=run.budget, score=run.score, allocation=run.allocation, seed=run.seed,
                           col_cap=run.col_cap, nm=parse_nm(run.nm))
@@ -100,7 +100,7 @@ def finetune(run: Run, threads: int = 1) -> dict:
     from common.data import get_task, make_split
     from common.methods import MASK_METHODS, base_model
     from common.train import evaluate, make_optimizer, train_epochs
-    from common.tuner import count_trainable, find_head
+    from common.taskedge.tuner import count_trainable, find_head
 
     torch.set_num_threads(threads)
     torch.manual_seed(run.seed)

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", help="comma list of stage-1 labels to (re)run and merge into --json")
     args = ap.parse_args(argv)
     from common import tuned
-    from common.config import UNIVERSAL_SCORES
+    from common.taskedge.config import UNIVERSAL_SCORES
     from common.data import SUITE
     from common.settings import DEFAULTS
 

@@ -13,7 +13,7 @@ Two corrections on top of torch:
   torch's formula and divides torch's weight-gradient count by ``groups``; the result equals the
   analytic ``2 · N · C_out · H_out · W_out · (C_in / g) · k_h · k_w`` per requested gradient.
 * **TaskEdge sparse-delta value gradient.** ``SparseDeltaLinearFn`` / ``SparseDeltaConv2dFn``
-  (``common/sparse_ops.py``) compute the gradient of the E trainable entries with gathers,
+  (``common/taskedge/sparse_ops.py``) compute the gradient of the E trainable entries with gathers,
   an elementwise multiply and a sum — no op the counter sees, so torch counts 0 for it. The real
   work is one multiply and one add per (row, entry): ``2 · T · E`` with T = tokens (Linear) or
   ``N · H_out · W_out`` output positions (Conv2d, over the whole output grid, padding positions
@@ -83,7 +83,7 @@ def sparse_value_grad_flops(model: nn.Module):
     """Yield a one-element list that accumulates, per forward of every sparse-delta layer whose
     values require grad, the analytic cost ``2 · T · E`` of its value gradient (see module doc).
     Layers in dense conv-grad mode are skipped (their weight gradient is an aten op torch counts)."""
-    from common.layers import SparseDeltaConv2d, SparseDeltaLayer
+    from common.taskedge.layers import SparseDeltaConv2d, SparseDeltaLayer
 
     acc = [0]
     handles = []

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.grad import conv2d_weight
 
-from common.layers import SparseDeltaConv2d
-from common.sparse_ops import conv_value_grad
+from common.taskedge.layers import SparseDeltaConv2d
+from common.taskedge.sparse_ops import conv_value_grad
 
 MIB = 1024 * 1024
 

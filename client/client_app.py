@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.allocation import Mask
+from common.taskedge.allocation import Mask
 from common.local import local_eval, local_gradients, local_stats, local_train, local_vote
 from common.methods import MASK_METHODS, base_model, get_arrays, method_model, node_mask, set_arrays
 from common.partition import node_class_names, node_data

@@ -17,8 +17,8 @@ import types
 import torch
 from torch import nn
 
-from common.config import TaskEdgeConfig
-from common.tuner import find_head, target_modules
+from common.taskedge.config import TaskEdgeConfig
+from common.taskedge.tuner import find_head, target_modules
 
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
 # head + a few parameters: which parameters each trains besides the head

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import TaskEdgeConfig
-from common.stats import arrays_to_norms, collect_stats, stats_to_arrays
+from common.taskedge.config import TaskEdgeConfig
+from common.taskedge.stats import arrays_to_norms, collect_stats, stats_to_arrays
 from common.train import batches, evaluate, train_epochs
-from common.tuner import build_mask, find_head, target_modules
+from common.taskedge.tuner import build_mask, find_head, target_modules
 
 
 def local_stats(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, batch_size: int) -> dict[str, np.ndarray]:
@@ -25,8 +25,8 @@ def local_stats(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, b
 def local_gradients(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, y_calib: torch.Tensor,
                     batch_size: int) -> dict[str, np.ndarray]:
     """score='gradient': signed Σ dL/dW over the local calibration data through a locally probed head,
-    '<module>.g' (rows, width) float64 (common.gradient_score)."""
-    from common.gradient_score import calibration_gradients
+    '<module>.g' (rows, width) float64 (common.taskedge.gradient_score)."""
+    from common.taskedge.gradient_score import calibration_gradients
 
     grads = calibration_gradients(model, target_modules(model, tcfg), find_head(model, tcfg.head),
                                   batches(x_calib, y_calib, batch_size, shuffle=False), signed=True)

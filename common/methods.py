@@ -3,7 +3,7 @@
 Every method reduces to "a dict of float32 arrays that travels":
 
 - taskedge:    `common.wire.pack` — the packed `values` vector of the global mask + the dense head.
-- taskedge-lora: `common.lora.pack_lora` — dW = M ⊙ (B A) on the global mask M with A frozen (shared by
+- taskedge-lora: `common.taskedge.lora.pack_lora` — dW = M ⊙ (B A) on the global mask M with A frozen (shared by
                seed): the packed `lora_B` vector + the dense head; averaging B averages the updates exactly.
 - fedlora:     HF peft LoRA (r, alpha=2r) adapters on the same target modules + the head.
 - fedavg-full: every floating-point entry of the state dict.
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.allocation import Mask
-from common.config import STAT_SCORES, TaskEdgeConfig
+from common.taskedge.allocation import Mask
+from common.taskedge.config import STAT_SCORES, TaskEdgeConfig
 from common.train import HEAD_LR_ATTR
-from common.tuner import apply_mask, apply_nm, find_head, mark_trainable, merge_and_unload
+from common.taskedge.tuner import apply_mask, apply_nm, find_head, mark_trainable, merge_and_unload
 from common.settings import AppConfig
 from common.wire import PACKED, Arrays, carry_values, nested, pack, unpack
 
@@ -71,7 +71,7 @@ def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None 
                 raise ValueError(f"nm={tcfg.nm}: the mask carries no activation norms to prune the base weights by")
             apply_nm(base, tcfg, mask.norms)
         if method == "taskedge-lora":
-            from common.lora import TaskEdgeLoRAConfig, apply_lora_mask
+            from common.taskedge.lora import TaskEdgeLoRAConfig, apply_lora_mask
 
             lcfg = TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": lora_rank})
             return apply_lora_mask(base, mask, lcfg)
@@ -103,7 +103,7 @@ def get_arrays(method: str, model: nn.Module) -> Arrays:
     if method == "taskedge":
         return pack(model)
     if method == "taskedge-lora":
-        from common.lora import pack_lora
+        from common.wire import pack_lora
 
         return pack_lora(model)
     if method == "fedlora":
@@ -130,7 +130,7 @@ def set_arrays(method: str, model: nn.Module, arrays: dict[str, np.ndarray]) -> 
     if method == "taskedge":
         unpack(model, arrays)
     elif method == "taskedge-lora":
-        from common.lora import unpack_lora
+        from common.wire import unpack_lora
 
         unpack_lora(model, arrays)
     elif method == "fedlora":
@@ -177,7 +177,7 @@ def carry_arrays(method: str, old_mask: Mask, old_arrays: dict[str, np.ndarray],
     if method == "taskedge":
         out[PACKED] = carry_values(old_mask, old_arrays[PACKED], new_mask)
     elif method == "taskedge-lora":
-        from common.lora import LORA_PACKED, carry_lora, mask_rows
+        from common.wire import LORA_PACKED, carry_lora, mask_rows
 
         rows = sum(v.numel() for v in mask_rows(old_mask).values())
         r = int(np.asarray(old_arrays[LORA_PACKED]).size // max(rows, 1))

@@ -36,7 +36,7 @@ from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from common.tuner import find_head
+from common.taskedge.tuner import find_head
 from common.data import UPSTREAM_TASK, TaskSpec, cache_dir, fingerprint, get_task, make_split
 
 __all__ = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import tuned as _tuned
-from common.config import ALLOCATIONS, SCORES
+from common.taskedge.config import ALLOCATIONS, SCORES
 
 METHODS = ("taskedge", "fedavg-full", "fedlora", "taskedge-lora", "head-only")
 PARTITIONERS = ("iid", "dirichlet")

@@ -123,7 +123,7 @@ def train_mean(current: Mapping[str, np.ndarray], sums: Sequence[np.ndarray], c:
 
 
 def mean_squares(stats: Mapping[str, np.ndarray], modules: Sequence[str]) -> list[np.ndarray]:
-    """Per-column mean squares ss / n of every module (wire form of common.stats)."""
+    """Per-column mean squares ss / n of every module (wire form of common.taskedge.stats)."""
     return [np.asarray(stats[f"{m}.ss"], np.float64) / int(np.asarray(stats[f"{m}.n"]).reshape(-1)[0])
             for m in modules]
 
@@ -161,7 +161,7 @@ def stats_shapes(shapes: Mapping[str, tuple[int, ...]], modules: Sequence[str]) 
 
 def stats_pooled(sums: Sequence[np.ndarray], modules: Sequence[str], max_rows: Mapping[str, int], c: float,
                  weighted: bool, noise: Sequence[np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], dict]:
-    """Pooled statistics in the wire form of common.stats ('<m>.ss', '<m>.n') from summed contributions.
+    """Pooled statistics in the wire form of common.taskedge.stats ('<m>.ss', '<m>.n') from summed contributions.
 
     weighted: ss = N * sum(n/N * ms) = the exact pooled sum of squares, n = the pooled row count.
     Unweighted (DP): ss = the (noisy) sum of clipped mean squares, clamped at 0, n = 1 per module:

@@ -12,7 +12,7 @@ from typing import Any
 
 from common import tuned as _tuned
 from common.classes import parse_class_names
-from common.config import TaskEdgeConfig
+from common.taskedge.config import TaskEdgeConfig
 from common.options import (AGGREGATIONS, BY_KEY, METHODS, OPTIONS, PARTITIONERS, RECONCILE,  # noqa: F401
                             SERVER_OPTS, STATS_AGGREGATIONS)
 
@@ -280,7 +280,7 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
                    "stats-aggregation='sum'); local top-k votes and per-column medians need each node's statistics",
                    f"{cfg['reconcile']}/{cfg['stats-aggregation']}")
     if cfg["score"] == "gradient" and cfg["method"] in ("taskedge", "taskedge-lora"):
-        # each node uploads dense, signed gradient sums once (common.gradient_score): summed, not voted, and
+        # each node uploads dense, signed gradient sums once (common.taskedge.gradient_score): summed, not voted, and
         # outside what the SecAgg+ / DP statistics release covers today
         if cfg["reconcile"] != "stats":
             raise _bad("score", "'gradient' needs reconcile='stats' (the server adds up the nodes' gradient sums)",
@@ -288,9 +288,6 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
         if private:
             raise _bad("score", "'gradient' sends dense gradient sums that secure aggregation / DP do not cover yet; "
                        "use score='taskedge' with secure-aggregation or dp", cfg["score"])
-        if cfg["nm"]:
-            raise _bad("score", "'gradient' with nm: N:M pruning needs a weight-based score; use score='taskedge'",
-                       cfg["score"])
     if cfg["dp"] == "none" and cfg["max-epsilon"] > 0:
         raise _bad("max-epsilon", "needs dp=server or dp=client", cfg["max-epsilon"])
     if cfg["dp-clipping"] == "adaptive" and cfg["dp"] != "none":

@@ -17,7 +17,7 @@ HEAD_LR_ATTR = "taskedge_head_lr"
 
 def head_parameters(model: nn.Module, head: str | None = None) -> list[nn.Parameter]:
     """Trainable parameters of the classifier head (also inside a peft model's `modules_to_save`)."""
-    from common.tuner import find_head
+    from common.taskedge.tuner import find_head
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     name = find_head(base, head)

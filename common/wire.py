@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .allocation import Mask
-from .tuner import delta_layers, find_head
+from .taskedge.allocation import Mask
+from .taskedge.lora import LORA_PACKED, lora_layers, mask_rows
+from .taskedge.tuner import delta_layers, find_head
 
 PACKED = "values"
 Arrays = "OrderedDict[str, np.ndarray]"
@@ -114,7 +115,7 @@ def load(model: nn.Module, arrays: dict[str, np.ndarray], head: str | None | boo
         mod, _, leaf = key.rpartition(".")
         if mod in layers and leaf == "values":
             layer = layers[mod]
-            if "values" not in layer.TRAINABLE:  # common.lora: values derive from lora_B (common.lora.unpack_lora)
+            if "values" not in layer.TRAINABLE:  # common.taskedge.lora: values derive from lora_B (common.taskedge.lora.unpack_lora)
                 raise ValueError(f"'{key}': the values of '{mod}' are derived, not loadable; load its factors instead")
             if arr.shape != tuple(layer.values.shape) or arr.dtype.kind != "f":
                 raise ValueError(f"'{key}': expected float array of shape {tuple(layer.values.shape)}, "
@@ -144,3 +145,58 @@ def nested(mask: Mask, rank: int) -> tuple[Mask, np.ndarray | None]:
     if sub.num_entries == mask.num_entries:
         return mask, None
     return sub, packed_positions(mask, sub)
+
+
+# ---- TaskEdge + LoRA (method taskedge-lora): B of every wrapped module, then the dense head
+def _head_arrays(model: nn.Module) -> OrderedDict:
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    hname = find_head(model)
+    if hname is not None:
+        for k, v in model.get_submodule(hname).state_dict().items():
+            out[f"{hname}.{k}"] = np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32)
+    return out
+
+
+def pack_lora(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
+    """Wire arrays: 'lora_B' (every module's B, sorted module order, row-major) then the dense head."""
+    parts = [layer.lora_B.detach().cpu().float().numpy().reshape(-1) for layer in lora_layers(model).values()]
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    out[LORA_PACKED] = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32),
+                                            dtype=np.float32)
+    out.update(_head_arrays(model))
+    return out
+
+
+def unpack_lora(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
+    """Inverse of `pack_lora`; the head goes through `load` (validated before any write)."""
+    layers = lora_layers(model)
+    sizes = [layer.lora_B.numel() for layer in layers.values()]
+    vec = np.asarray(arrays.get(LORA_PACKED, np.zeros(0, np.float32))).reshape(-1)
+    if vec.size != sum(sizes) or vec.dtype.kind != "f":
+        raise ValueError(f"'{LORA_PACKED}': expected {sum(sizes)} float entries, got {vec.dtype} {vec.size}")
+    head = {k: v for k, v in arrays.items() if k != LORA_PACKED}
+    load(model, head)  # validates head keys / shapes first
+    with torch.no_grad():
+        for layer, part in zip(layers.values(), np.split(vec, np.cumsum(sizes)[:-1]) if sizes else []):
+            layer.lora_B.copy_(torch.from_numpy(np.ascontiguousarray(part)).reshape(layer.lora_B.shape))
+
+
+def carry_lora(old: Mask, old_b: np.ndarray, new: Mask, r: int) -> np.ndarray:
+    """Packed B for a new mask: the rows of neurons present under both masks keep their learned B
+    (so the update on entries that survive is unchanged), other rows start at zero."""
+    out = np.zeros(sum(v.numel() for v in mask_rows(new).values()) * r, dtype=np.float32)
+    old_rows, new_rows = mask_rows(old), mask_rows(new)
+    old_off, pos = {}, 0
+    for n in old.names():
+        old_off[n] = pos
+        pos += old_rows[n].numel() * r
+    pos = 0
+    for n in new.names():
+        nr = new_rows[n].numpy()
+        if n in old_rows:
+            _, o_pos, n_pos = np.intersect1d(old_rows[n].numpy(), nr, assume_unique=True, return_indices=True)
+            src = old_b[old_off[n]:old_off[n] + old_rows[n].numel() * r].reshape(-1, r)
+            dst = out[pos:pos + nr.size * r].reshape(-1, r)
+            dst[n_pos] = src[o_pos]
+        pos += nr.size * r
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from common.allocation import Mask
+from common.taskedge.allocation import Mask
 
 FORMAT = "taskedge-fl-checkpoint-1"
 

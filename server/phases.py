@@ -19,13 +19,13 @@ import torch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common.allocation import Mask
+from common.taskedge.allocation import Mask
 from common.classes import global_classes, parse_class_names
 from common.methods import base_model
 from common.privacy import clip_stats
 from common.settings import AppConfig
-from common.stats import collect_stats
-from common.tuner import target_modules
+from common.taskedge.stats import collect_stats
+from common.taskedge.tuner import target_modules
 from common.wire import nested
 
 from . import validate

@@ -34,10 +34,10 @@ from flwr.supercore.differential_privacy import compute_stdv
 from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig,
                                                SamplingMethod)
 
-from common.allocation import Mask
+from common.taskedge.allocation import Mask
 from common.privacy import stats_contribution, stats_pooled, stats_shapes
 from common.settings import AppConfig
-from common.tuner import target_modules
+from common.taskedge.tuner import target_modules
 
 from . import validate
 from .phases import max_examples, send_query, server_model, stats_limits

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.allocation import Mask, allocate, budget_entries
-from common.config import TaskEdgeConfig
-from common.stats import arrays_to_norms, median_stats, sum_stats
-from common.tuner import backbone_parameters, build_mask, find_head, score_modules
+from common.taskedge.allocation import Mask, allocate, budget_entries
+from common.taskedge.config import TaskEdgeConfig
+from common.taskedge.stats import arrays_to_norms, median_stats, sum_stats
+from common.taskedge.tuner import backbone_parameters, build_mask, find_head, score_modules
 
 
 def stats_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]],

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.allocation import Mask
+from common.taskedge.allocation import Mask
 from common.local import local_eval
 from common.data import get_task
 from common.methods import (MASK_METHODS, base_model, carry_arrays, export, get_arrays, method_model, num_entries,

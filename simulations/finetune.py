@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 # Only light imports at module level, so `--help` and option errors answer at once; torch, timm and
 # the training code are imported where they are used.
 from common import tuned
-from common.config import ALLOCATIONS, SAVE_DTYPES, SCORES
+from common.taskedge.config import ALLOCATIONS, SAVE_DTYPES, SCORES
 from common.settings import parse_run_config
 
 if TYPE_CHECKING:
@@ -64,9 +64,9 @@ def load_data(args):
 
 def prepare(model, args, calib):
     """Make the requested parameters trainable; returns the TaskEdge mask (or None)."""
-    from common.config import TaskEdgeConfig
+    from common.taskedge.config import TaskEdgeConfig
     from common.train import batches
-    from common.tuner import find_head, get_taskedge_model, mark_trainable
+    from common.taskedge.tuner import find_head, get_taskedge_model, mark_trainable
 
     head = find_head(model)
     if args.method == "taskedge":
@@ -86,7 +86,7 @@ def run(args) -> dict:
     import torch
 
     from common.train import evaluate, make_optimizer, train_epochs
-    from common.tuner import print_trainable_parameters
+    from common.taskedge.tuner import print_trainable_parameters
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)

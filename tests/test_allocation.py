@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from common.allocation import Mask, allocate, budget_entries, nm_keep
+from common.taskedge.allocation import Mask, allocate, budget_entries, nm_keep
 
 
 def _scores(seed=0):

@@ -86,8 +86,8 @@ def test_live_peak_does_not_count_views_of_known_storages_again():
 def test_step_live_peak_counts_a_taskedge_weight_once():
     """TaskEdge's forward patches the frozen weight through `weight.detach()`: a view of a parameter the
     base already holds, which must not be counted a second time (it was: +1 weight per wrapped layer)."""
-    from common.config import TaskEdgeConfig
-    from common.tuner import get_taskedge_model
+    from common.taskedge.config import TaskEdgeConfig
+    from common.taskedge.tuner import get_taskedge_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 4))

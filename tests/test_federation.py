@@ -8,13 +8,13 @@ from torch import nn
 
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from common.allocation import allocate
-from common.config import TaskEdgeConfig
+from common.taskedge.allocation import allocate
+from common.taskedge.config import TaskEdgeConfig
 from common.local import local_stats
 from common.models import create_model
 from common.settings import DEFAULTS, METHOD_LR, parse_run_config
-from common.stats import arrays_to_norms, collect_stats
-from common.tuner import build_mask, target_modules
+from common.taskedge.stats import arrays_to_norms, collect_stats
+from common.taskedge.tuner import build_mask, target_modules
 from common.wire import carry_values, nested, packed_positions, put, take
 from server.aggregate import Update, masked_mean
 from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint

@@ -11,13 +11,13 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from client.client_app import app as client_app
-from common.config import TaskEdgeConfig
+from common.taskedge.config import TaskEdgeConfig
 from common.methods import get_arrays, method_model
 from common.models import create_model
 from common.partition import load_local_data
 from common.settings import parse_run_config
-from common.stats import collect_stats
-from common.tuner import build_mask, target_modules
+from common.taskedge.stats import collect_stats
+from common.taskedge.tuner import build_mask, target_modules
 from common.wire import nested
 from server.inprocess import InProcessGrid
 from server.phases import statistics_phase
@@ -229,9 +229,9 @@ def test_gradient_score_mask_is_the_allocation_of_the_summed_node_gradients(weig
     """score='gradient' in the federation: each node's signed calibration-gradient sums (own probe) are
     validated, added up by the server, and the mask is the neuron-level top-k of |sum|; a node whose
     gradients are malformed is dropped with a reason."""
-    from common.allocation import allocate, budget_entries
-    from common.gradient_score import calibration_gradients
-    from common.tuner import backbone_parameters, find_head
+    from common.taskedge.allocation import allocate, budget_entries
+    from common.taskedge.gradient_score import calibration_gradients
+    from common.taskedge.tuner import backbone_parameters, find_head
 
     cfg = _cfg(weights, tmp_path, score="gradient")
     grid = InProcessGrid(client_app, 3, cfg.to_dict())

@@ -11,7 +11,7 @@ from benchmarks.flops import (
     linear_flops,
     step_flops,
 )
-from common.layers import SparseDeltaConv2d, SparseDeltaLinear
+from common.taskedge.layers import SparseDeltaConv2d, SparseDeltaLinear
 
 
 def _fwd_bwd(mod, x, counter):

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.settings import parse_run_config
-from common.stats import arrays_to_norms, median_stats, sum_stats
+from common.taskedge.stats import arrays_to_norms, median_stats, sum_stats
 from server import validate
 from server.guard import ReplyGuard
 from server.inprocess import InProcessGrid

@@ -14,7 +14,7 @@ from torch import nn
 
 from common import data as D
 from common import models as M
-from common.tuner import find_head
+from common.taskedge.tuner import find_head
 
 
 @pytest.fixture

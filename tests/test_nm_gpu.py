@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.nm import check_nm, semi_structured_unsupported, to_semi_structured
+from common.taskedge.nm import check_nm, semi_structured_unsupported, to_semi_structured
 
 WHY = semi_structured_unsupported("cuda", torch.float16)
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"semi-structured sparsity unavailable: {WHY}")
@@ -19,8 +19,8 @@ def _merged_nm_vit():
     """A TaskEdge N:M model (2:4 pruned base + trained deltas on kept entries), merged."""
     from timm.models.vision_transformer import VisionTransformer
 
-    from common.config import TaskEdgeConfig
-    from common.tuner import delta_layers, get_taskedge_model, merge_and_unload, nm_names
+    from common.taskedge.config import TaskEdgeConfig
+    from common.taskedge.tuner import delta_layers, get_taskedge_model, merge_and_unload, nm_names
 
     torch.manual_seed(0)
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=128, depth=2, num_heads=4, num_classes=10)

@@ -22,7 +22,7 @@ from client.client_app import create_app
 from client.privacy import SecureAggregationMod
 from common.privacy import quantization_bound
 from common.settings import parse_run_config
-from common.stats import sum_stats
+from common.taskedge.stats import sum_stats
 from server.inprocess import InProcessGrid
 from server.messages import stamp
 from server.messages import array_record

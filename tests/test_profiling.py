@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from benchmarks import profiling as P
-from common.layers import SparseDeltaConv2d
+from common.taskedge.layers import SparseDeltaConv2d
 
 
 def _linear():

@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 
 from common.settings import parse_run_config
-from common.stats import median_stats, sum_stats
+from common.taskedge.stats import median_stats, sum_stats
 from server.aggregate import Update, masked_robust
 from server.inprocess import InProcessGrid
 from server.messages import stamp

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from common.layers import SparseDeltaConv2d, SparseDeltaLinear
+from common.taskedge.layers import SparseDeltaConv2d, SparseDeltaLinear
 
 
 def _random_mask(rows, width, per_row, gen):
@@ -190,7 +190,7 @@ def test_bfloat16_saved_columns_close():
 def test_conv_gather_index_kept_in_parts(monkeypatch, kw):
     """Above _INDEX_CACHE_MAX the layer keeps the gather index as row + column parts (and the
     validity as row x column factors): same gradients, O(E (ho + wo)) memory instead of O(E ho wo)."""
-    from common import sparse_ops
+    from common.taskedge import sparse_ops
     monkeypatch.setattr(sparse_ops, "_INDEX_CACHE_MAX", 0)
     gen = torch.Generator().manual_seed(0)
     base = nn.Conv2d(**kw)
@@ -203,7 +203,7 @@ def test_conv_gather_index_kept_in_parts(monkeypatch, kw):
 
 @pytest.mark.parametrize("how", ["gather", "index_select"])
 def test_both_column_gathers_give_the_same_gradients(monkeypatch, how):
-    from common import sparse_ops
+    from common.taskedge import sparse_ops
     monkeypatch.setattr(sparse_ops, "_GATHER", how)
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(12, 7)

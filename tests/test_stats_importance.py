@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.importance import importance
-from common.stats import FeatureStats, StatsCollector, arrays_to_norms, stats_to_arrays, sum_stats
+from common.taskedge.importance import importance
+from common.taskedge.stats import FeatureStats, StatsCollector, arrays_to_norms, stats_to_arrays, sum_stats
 
 
 def _unfold_ss(conv: nn.Conv2d, x: torch.Tensor):

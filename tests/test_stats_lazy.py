@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common.stats import FeatureStats
+from common.taskedge.stats import FeatureStats
 
 
 def _unfold_ss(conv, x):

@@ -135,7 +135,7 @@ def test_param_groups_split_head_and_body():
 
 
 def test_head_lr_reaches_peft_modules_to_save():
-    from common.config import TaskEdgeConfig
+    from common.taskedge.config import TaskEdgeConfig
     from common.methods import build
     from common.train import make_optimizer
 
@@ -146,7 +146,7 @@ def test_head_lr_reaches_peft_modules_to_save():
 
 
 def test_head_only_method_trains_and_ships_only_the_head():
-    from common.config import TaskEdgeConfig
+    from common.taskedge.config import TaskEdgeConfig
     from common.methods import build, get_arrays
 
     m = build("head-only", _tiny(), TaskEdgeConfig(budget=0.01))
@@ -172,7 +172,7 @@ def test_run_config_defaults_come_from_the_tuned_file():
 
 
 def test_method_model_carries_head_lr_to_local_training():
-    from common.config import TaskEdgeConfig
+    from common.taskedge.config import TaskEdgeConfig
     from common.methods import build
     from common.train import HEAD_LR_ATTR, make_optimizer
 
@@ -183,7 +183,7 @@ def test_method_model_carries_head_lr_to_local_training():
 
 # ------------------------------------------------------------------ selection variants
 def test_paper_score_unchanged_and_sqrt_variant_as_defined():
-    from common.importance import importance
+    from common.taskedge.importance import importance
 
     lin = nn.Linear(3, 2, bias=False)
     with torch.no_grad():
@@ -194,7 +194,7 @@ def test_paper_score_unchanged_and_sqrt_variant_as_defined():
 
 
 def test_column_cap_spreads_rows_that_all_want_one_column():
-    from common.allocation import allocate
+    from common.taskedge.allocation import allocate
 
     s = torch.tensor([[10.0, 5.0, 1.0, 1.0]] * 4)  # every row prefers column 0, then 1
     paper = allocate({"m": s}, 4, "neuron")
@@ -210,7 +210,7 @@ def test_column_cap_spreads_rows_that_all_want_one_column():
 def test_column_cap_spends_exact_budgets_within_the_cap(count):
     """Exact budgets; the cap holds unless a row has nothing else left (documented fallback, only
     at the tightest caps: count=400 asks 13 of the 16 columns of every row of module 'a')."""
-    from common.allocation import allocate, column_cap
+    from common.taskedge.allocation import allocate, column_cap
 
     g = torch.Generator().manual_seed(0)
     scores = {"a": torch.rand(24, 16, generator=g) * torch.rand(1, 16, generator=g) ** 4,
@@ -232,14 +232,14 @@ def test_column_cap_spends_exact_budgets_within_the_cap(count):
 
 
 def test_column_cap_through_the_injector_and_config():
-    from common.config import TaskEdgeConfig
-    from common.tuner import build_mask, collect_norms
+    from common.taskedge.config import TaskEdgeConfig
+    from common.taskedge.tuner import build_mask, collect_norms
 
     m = _tiny()
     cfg = TaskEdgeConfig(budget=0.05, score="taskedge-sqrt", allocation="neuron-cap")
     norms = collect_norms(m, cfg, [torch.randn(8, 3, 16, 16)])
     mask = build_mask(m, cfg, norms)
-    from common.tuner import backbone_parameters
+    from common.taskedge.tuner import backbone_parameters
 
     assert mask.num_entries == round(0.05 * backbone_parameters(m, "head"))
     with pytest.raises(ValueError, match="col_cap"):

@@ -11,15 +11,17 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from common.allocation import Mask, nm_keep
-from common.config import TaskEdgeConfig
-from common.lora import (LORA_PACKED, MaskedLowRankFn, TaskEdgeLoRAConfig, TaskEdgeLoRAConv2d, TaskEdgeLoRALinear,
-                         carry_lora, effective_deltas, frozen_a, get_taskedge_lora_model, lora_layers, mask_rows)
+from common.taskedge.allocation import Mask, nm_keep
+from common.taskedge.config import TaskEdgeConfig
+from common.taskedge.lora import (LORA_PACKED, MaskedLowRankFn, TaskEdgeLoRAConfig, TaskEdgeLoRAConv2d,
+                                  TaskEdgeLoRALinear, effective_deltas, frozen_a, get_taskedge_lora_model, lora_layers,
+                                  mask_rows)
+from common.wire import carry_lora
 from common.methods import build, carry_arrays, export, get_arrays, method_model, node_mask, set_arrays
-from common.nm import check_nm, nm_violations, semi_structured_unsupported, to_semi_structured
+from common.taskedge.nm import check_nm, nm_violations, semi_structured_unsupported, to_semi_structured
 from common.settings import DEFAULTS, parse_run_config
 from common.train import make_optimizer
-from common.tuner import (count_trainable, delta_layers, get_taskedge_model, merge_and_unload, nm_names,
+from common.taskedge.tuner import (count_trainable, delta_layers, get_taskedge_model, merge_and_unload, nm_names,
                           target_modules)
 
 

@@ -5,11 +5,11 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from common.allocation import Mask
-from common.config import TaskEdgeConfig
-from common.layers import SparseDeltaConv2d, SparseDeltaLinear
+from common.taskedge.allocation import Mask
+from common.taskedge.config import TaskEdgeConfig
+from common.taskedge.layers import SparseDeltaConv2d, SparseDeltaLinear
 from common.train import make_optimizer
-from common.tuner import (apply_mask, count_trainable, delta_layers, find_head, get_taskedge_model,
+from common.taskedge.tuner import (apply_mask, count_trainable, delta_layers, find_head, get_taskedge_model,
                           merge_and_unload, target_modules)
 from common.wire import extract, load
 

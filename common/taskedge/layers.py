@@ -18,7 +18,7 @@ class SparseDeltaLayer(nn.Module):
     """Common part: mask bookkeeping, delta weight, merge."""
 
     base_layer: nn.Module
-    TRAINABLE: tuple[str, ...] = ("values",)  # the parameters this wrapper trains (common.lora: "lora_B")
+    TRAINABLE: tuple[str, ...] = ("values",)  # the parameters this wrapper trains (common.taskedge.lora: "lora_B")
 
     def __init__(self, base: nn.Module, flat_idx: torch.Tensor, save_dtype: str = "float32"):
         super().__init__()
@@ -39,7 +39,7 @@ class SparseDeltaLayer(nn.Module):
         self.width = width
 
     def _init_values(self, n: int, dtype: torch.dtype, device) -> None:
-        """The trainable `values` (one per masked entry); common.lora derives them from a factor instead."""
+        """The trainable `values` (one per masked entry); common.taskedge.lora derives them from a factor instead."""
         self.values = nn.Parameter(torch.zeros(n, dtype=dtype, device=device))
 
     @property

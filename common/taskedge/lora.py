@@ -24,7 +24,7 @@ Why this formulation (and not LoRA on B and A, or M ⊙ (B A) with both trained)
   (M ⊆ the keep set) the merged weight keeps the N:M pattern and can run on sparse tensor cores.
   A dense B A on whole rows (FFA-LoRA on the top rows) would break the pattern.
 * No dense weight gradient. The masked entries' values v = (B A)[M] feed the existing sparse-delta
-  autograd functions (`common.sparse_ops`), which give dL/dv for the masked entries only; the
+  autograd functions (`common.taskedge.sparse_ops`), which give dL/dv for the masked entries only; the
   gradient of B is then dB[i] = Σ_{e in row i} dL/dv_e · A[:, col(e)] (`MaskedLowRankFn`, O(E·r)).
   No (out x in) tensor is formed, nothing weight-sized is saved, optimizer state is rows x r.
 
@@ -34,7 +34,7 @@ parametrisation). The low-rank constraint bites when M has more entries per row 
 
     model, mask = get_taskedge_lora_model(model, TaskEdgeLoRAConfig(budget=0.05, r=2), calib_batches)
     ... train [p for p in model.parameters() if p.requires_grad] (lora_B + head) ...
-    plain = merge_and_unload(model)   # common.tuner: W0 + M ⊙ (B A) folded in
+    plain = merge_and_unload(model)   # common.taskedge.tuner: W0 + M ⊙ (B A) folded in
 """
 from __future__ import annotations
 
@@ -50,8 +50,7 @@ from torch import nn
 from .allocation import Mask
 from .config import TaskEdgeConfig
 from .layers import SparseDeltaConv2d, SparseDeltaLayer, SparseDeltaLinear
-from .tuner import _set_module, apply_mask, apply_nm, build_mask, calibrate, delta_layers, find_head, mark_trainable
-from .wire import load
+from .tuner import apply_mask, apply_nm, build_mask, calibrate, delta_layers, find_head, mark_trainable, set_module
 
 LORA_PACKED = "lora_B"
 _CHUNK = 1 << 20  # entries x rank per temporary
@@ -182,7 +181,7 @@ def apply_lora_mask(model: nn.Module, mask: Mask, config: TaskEdgeLoRAConfig) ->
         else:
             new = TaskEdgeLoRAConv2d(layer.base_layer, layer.flat_idx, config.r, a, config.save_dtype,
                                      layer.dense_grad)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     mark_trainable(model, find_head(model, config.head))
     return model
 
@@ -201,60 +200,6 @@ def effective_deltas(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: layer.get_delta_weight() for n, layer in delta_layers(model).items()}
 
 
-def _head_arrays(model: nn.Module) -> OrderedDict:
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    hname = find_head(model)
-    if hname is not None:
-        for k, v in model.get_submodule(hname).state_dict().items():
-            out[f"{hname}.{k}"] = np.ascontiguousarray(v.detach().cpu().numpy(), dtype=np.float32)
-    return out
-
-
-def pack_lora(model: nn.Module) -> "OrderedDict[str, np.ndarray]":
-    """Wire arrays: 'lora_B' (every module's B, sorted module order, row-major) then the dense head."""
-    parts = [layer.lora_B.detach().cpu().float().numpy().reshape(-1) for layer in lora_layers(model).values()]
-    out: OrderedDict[str, np.ndarray] = OrderedDict()
-    out[LORA_PACKED] = np.ascontiguousarray(np.concatenate(parts) if parts else np.zeros(0, np.float32),
-                                            dtype=np.float32)
-    out.update(_head_arrays(model))
-    return out
-
-
-def unpack_lora(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Inverse of `pack_lora`; the head goes through `common.wire.load` (validated before any write)."""
-    layers = lora_layers(model)
-    sizes = [layer.lora_B.numel() for layer in layers.values()]
-    vec = np.asarray(arrays.get(LORA_PACKED, np.zeros(0, np.float32))).reshape(-1)
-    if vec.size != sum(sizes) or vec.dtype.kind != "f":
-        raise ValueError(f"'{LORA_PACKED}': expected {sum(sizes)} float entries, got {vec.dtype} {vec.size}")
-    head = {k: v for k, v in arrays.items() if k != LORA_PACKED}
-    load(model, head)  # validates head keys / shapes first
-    with torch.no_grad():
-        for layer, part in zip(layers.values(), np.split(vec, np.cumsum(sizes)[:-1]) if sizes else []):
-            layer.lora_B.copy_(torch.from_numpy(np.ascontiguousarray(part)).reshape(layer.lora_B.shape))
-
-
 def mask_rows(mask: Mask) -> dict[str, torch.Tensor]:
     """Per module, the sorted output neurons that the mask touches (the rows of B)."""
     return {n: torch.unique(mask.indices[n] // mask.shapes[n][1]) for n in mask.names()}
-
-
-def carry_lora(old: Mask, old_b: np.ndarray, new: Mask, r: int) -> np.ndarray:
-    """Packed B for a new mask: the rows of neurons present under both masks keep their learned B
-    (so the update on entries that survive is unchanged), other rows start at zero."""
-    out = np.zeros(sum(v.numel() for v in mask_rows(new).values()) * r, dtype=np.float32)
-    old_rows, new_rows = mask_rows(old), mask_rows(new)
-    old_off, pos = {}, 0
-    for n in old.names():
-        old_off[n] = pos
-        pos += old_rows[n].numel() * r
-    pos = 0
-    for n in new.names():
-        nr = new_rows[n].numpy()
-        if n in old_rows:
-            _, o_pos, n_pos = np.intersect1d(old_rows[n].numpy(), nr, assume_unique=True, return_indices=True)
-            src = old_b[old_off[n]:old_off[n] + old_rows[n].numel() * r].reshape(-1, r)
-            dst = out[pos:pos + nr.size * r].reshape(-1, r)
-            dst[n_pos] = src[o_pos]
-        pos += nr.size * r
-    return out

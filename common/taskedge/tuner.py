@@ -84,7 +84,7 @@ def _owner(name: str) -> str:
 
 
 def _is_delta_values(model: nn.Module, name: str) -> bool:
-    """A trainable parameter of a sparse-delta wrapper (`values`; `lora_B` for common.lora's layers)."""
+    """A trainable parameter of a sparse-delta wrapper (`values`; `lora_B` for common.taskedge.lora's layers)."""
     owner = model.get_submodule(_owner(name))
     return isinstance(owner, SparseDeltaLayer) and name.rpartition(".")[2] in owner.TRAINABLE
 
@@ -103,7 +103,7 @@ def collect_norms(model: nn.Module, config: TaskEdgeConfig, batches: Iterable) -
 
 def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None,
                   grads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Score matrix per target module; score='gradient' takes them from `grads` (common.gradient_score)."""
+    """Score matrix per target module; score='gradient' takes them from `grads` (common.taskedge.gradient_score)."""
     gen = torch.Generator().manual_seed(config.seed)
     scores = {}
     for name, mod in target_modules(model, config).items():
@@ -187,12 +187,12 @@ def apply_mask(model: nn.Module, mask: Mask, config: TaskEdgeConfig | None = Non
         if isinstance(mod, nn.Linear):
             wrapped[name] = SparseDeltaLinear(mod, mask.indices[name], config.save_dtype)
         else:
-            # "auto": whichever common.layers.dense_grad_pays picks per module (dense only for ungrouped convs
+            # "auto": whichever common.taskedge.layers.dense_grad_pays picks per module (dense only for ungrouped convs
             # whose mask holds > 1/64 of the weight; depthwise / grouped stay sparse)
             dense = None if config.conv_grad == "auto" else config.conv_grad == "dense"
             wrapped[name] = SparseDeltaConv2d(mod, mask.indices[name], config.save_dtype, dense)
     for name, new in wrapped.items():
-        _set_module(model, name, new)
+        set_module(model, name, new)
     mark_trainable(model, head)
     return model
 
@@ -202,7 +202,7 @@ def mark_trainable(model: nn.Module, head: str | None) -> None:
         p.requires_grad_(_is_delta_values(model, name) or _under(_owner(name), head))
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -215,7 +215,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """A plain copy of the model: every sparse-delta layer replaced by its merged base layer."""
     plain = copy.deepcopy(model)
     for name, layer in delta_layers(plain).items():
-        _set_module(plain, name, layer.merge())
+        set_module(plain, name, layer.merge())
     for p in plain.parameters():
         p.requires_grad_(True)
     return plain

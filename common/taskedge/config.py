@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 # scores every mode supports (secure aggregation, DP, N:M pruning): the candidates for the default
 UNIVERSAL_SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
-# "gradient" (common.gradient_score): a dense, labelled calibration-gradient upload per node; opt-in
+# "gradient" (common.taskedge.gradient_score): a dense, labelled calibration-gradient upload per node; opt-in
 SCORES = UNIVERSAL_SCORES + ("gradient",)
 ALLOCATIONS = ("neuron", "neuron-cap", "global")
 STAT_SCORES = ("taskedge", "taskedge-sqrt", "activation")  # scores that need activation statistics
@@ -23,7 +23,7 @@ class TaskEdgeConfig:
         |W| * ||X_j||^(1/2), which damps the few high-activation input columns that the paper's
         score makes every row pick; "magnitude" (|W|), "activation" (||X_j||) and "random" are ablations;
         "gradient" (|sum of dL/dW| over labelled calibration batches through a probed head,
-        common.gradient_score) is a centralised GPS-style reference.
+        common.taskedge.gradient_score) is a centralised GPS-style reference.
     allocation: "neuron" spreads the budget as k entries per output neuron; "neuron-cap" does the
         same with a per-column cap (no input column of a module is picked by more than
         ceil(col_cap * rows * k / width) rows), so the entries also spread over the input columns;
@@ -37,7 +37,7 @@ class TaskEdgeConfig:
     save_dtype: precision of the input columns kept for the backward pass.
     conv_grad: how conv value gradients are computed ("sparse" offset sums, "dense"
         weight gradient then gather; "auto" = dense only for an ungrouped conv whose mask holds more
-        than 1/64 of its weight (common.layers.dense_grad_pays), else sparse, which bench_step
+        than 1/64 of its weight (common.taskedge.layers.dense_grad_pays), else sparse, which bench_step
         --conv-micro measured faster on nearly every depthwise shape, 5x5 kernels by 10-60x).
     seed: seed for the "random" score.
     """

@@ -48,7 +48,7 @@ def importance(module: nn.Module, norm: torch.Tensor | None, method: str = "task
     if method == "random":
         return torch.rand(w2.shape, generator=generator)
     if method == "gradient":
-        raise ValueError("score='gradient' is computed from calibration gradients (common.gradient_score), "
+        raise ValueError("score='gradient' is computed from calibration gradients (common.taskedge.gradient_score), "
                          "not from weights and norms")
     if norm is None:
         raise ValueError(f"score={method!r} needs activation statistics (run calibration batches first)")
