@@ -146,11 +146,6 @@ def _keys_present(conf: ConfigRecord, kinds: dict[str, type]) -> None:
             raise ValueError(f"'{key}' is not bytes")
 
 
-def _all_bytes(values: list, what: str) -> None:
-    if not all(isinstance(v, bytes) for v in values):
-        raise ValueError(f"every {what} must be bytes")
-
-
 class _DelegatingGrid(Grid):
     """A Grid that forwards everything to `self.grid`; subclasses override `send_and_receive`."""
 
@@ -199,11 +194,7 @@ class _StageGrid(_DelegatingGrid):
         if stage == Stage.SETUP:
             _keys_present(conf, {Key.PUBLIC_KEY_1: bytes, Key.PUBLIC_KEY_2: bytes})
         elif stage == Stage.SHARE_KEYS:
-            _keys_present(conf, {Key.DESTINATION_LIST: list, Key.CIPHERTEXT_LIST: list})
-            if len(conf[Key.DESTINATION_LIST]) != len(conf[Key.CIPHERTEXT_LIST]):
-                raise ValueError("destination and ciphertext lists differ in length")
-            self._round_nodes(conf[Key.DESTINATION_LIST], "destination")
-            _all_bytes(conf[Key.CIPHERTEXT_LIST], "ciphertext")
+            self._id_value_lists(conf, Key.DESTINATION_LIST, "destination", Key.CIPHERTEXT_LIST, "ciphertext")
         elif stage == Stage.COLLECT_MASKED_VECTORS:
             _keys_present(conf, {Key.MASKED_PARAMETERS: list})
             blobs = conf[Key.MASKED_PARAMETERS]
@@ -219,22 +210,25 @@ class _StageGrid(_DelegatingGrid):
             if compat.recorddict_to_fitres(reply.content, keep_input=True).num_examples != 1:
                 raise ValueError("weight other than 1 (the weights travel inside the sum)")
         elif stage == Stage.UNMASK:
-            _keys_present(conf, {Key.NODE_ID_LIST: list, Key.SHARE_LIST: list})
-            if len(conf[Key.NODE_ID_LIST]) != len(conf[Key.SHARE_LIST]):
-                raise ValueError("node and share lists differ in length")
-            self._round_nodes(conf[Key.NODE_ID_LIST], "share owner")
-            _all_bytes(conf[Key.SHARE_LIST], "share")
+            self._id_value_lists(conf, Key.NODE_ID_LIST, "share owner", Key.SHARE_LIST, "share")
 
-    def _round_nodes(self, ids: list, what: str) -> None:
-        """Node ids a stage reply names: unique integers, every one a node of this secure round (Flower's
-        unmask stage indexes its per-node state by them: an outside id was a KeyError that ended the run)."""
+    def _id_value_lists(self, conf: ConfigRecord, ids_key: str, ids_what: str, values_key: str, what: str) -> None:
+        """A list of node ids and a list of bytes of the same length. The ids: unique integers, every one a
+        node of this secure round (Flower's unmask stage indexes its per-node state by them: an outside id
+        was a KeyError that ended the run)."""
+        _keys_present(conf, {ids_key: list, values_key: list})
+        ids = conf[ids_key]
+        if len(ids) != len(conf[values_key]):
+            raise ValueError(f"{ids_what} and {what} lists differ in length")
+        if not all(isinstance(v, bytes) for v in conf[values_key]):
+            raise ValueError(f"every {what} must be bytes")
         if any(isinstance(i, bool) or not isinstance(i, int) for i in ids):
-            raise ValueError(f"{what} ids must be integers")
+            raise ValueError(f"{ids_what} ids must be integers")
         if len(set(ids)) != len(ids):
-            raise ValueError(f"{what} ids repeat")
+            raise ValueError(f"{ids_what} ids repeat")
         outside = sorted(set(ids) - set(self.requests))
         if outside:
-            raise ValueError(f"{what} id {outside[0]} is not a node of this round")
+            raise ValueError(f"{ids_what} id {outside[0]} is not a node of this round")
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         msgs = list(messages)

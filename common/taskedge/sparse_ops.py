@@ -1,5 +1,8 @@
 """Autograd functions for W_eff = W0 + scatter(idx, values) that never form a dense weight gradient.
 
+(About 500 lines, kept in one file on purpose: the Linear and Conv2d functions share the W0 patching, the
+lead-entry layout and the chunked gather, and splitting them would spread one cost model over files.)
+
 Backward returns the gradient of `values` only,
     g[e] = sum_t dY[t, row(e)] * X[t, col(e)],
 from the input columns the mask reads, plus the input gradient through W_eff. W0 is frozen and
