@@ -10,6 +10,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 # Attribute a method's model may carry (set by `common.methods.method_model`): the head's learning
 # rate, used when a caller does not pass `head_lr` itself.
 HEAD_LR_ATTR = "taskedge_head_lr"
@@ -60,11 +62,16 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                  lr: float, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
                  progress: bool = False, weight_decay: float = 0.0, head_lr: float | None = None) -> dict[str, float]:
-    """Cross-entropy training; returns the mean loss and accuracy of the last epoch."""
+    """Cross-entropy training; returns the mean loss and accuracy of the last epoch.
+
+    A model with BatchNorm skips a training batch of one example (the shuffled epoch's last batch when
+    len(x) % batch_size == 1): BatchNorm cannot take batch statistics of one value per channel, and one
+    example's step is noise anyway. Evaluation is unaffected."""
     if len(x) == 0:
         return {"loss": 0.0, "acc": 0.0, "examples": 0}
     opt = optimizer or make_optimizer(model, lr, weight_decay, head_lr)
     model.train()
+    skip_single = any(isinstance(m, BATCH_NORMS) for m in model.modules())
     loss_sum = correct = seen = 0.0
     for epoch in range(epochs):
         loss_sum = correct = seen = 0.0
@@ -72,6 +79,8 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
         if progress:
             it = tqdm(it, total=(len(x) + batch_size - 1) // batch_size, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
         for xb, yb in it:
+            if skip_single and len(xb) == 1:
+                continue
             opt.zero_grad(set_to_none=True)
             out = model(xb)
             loss = nn.functional.cross_entropy(out, yb)
@@ -80,7 +89,7 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
             loss_sum += float(loss.detach()) * len(xb)
             correct += float((out.detach().argmax(1) == yb).sum())
             seen += len(xb)
-    return {"loss": loss_sum / seen, "acc": correct / seen, "examples": int(len(x))}
+    return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "examples": int(len(x))}
 
 
 @torch.no_grad()

@@ -72,11 +72,3 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     mask = Mask.from_arrays(groups["mask"]) if groups["mask"] else None
     return Checkpoint(int(meta["round"]), meta["method"], arrays, mask, int(meta["mask_version"]),
                       groups["opt"], json.loads(meta["config"]))
-
-
-def export_model(state_dict: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
-    """A plain (merged) model's state dict as safetensors, loadable with timm + load_state_dict."""
-    tensors = {k: v.detach().cpu().contiguous().numpy() for k, v in state_dict.items()}
-    path = Path(path)
-    _atomic_save(tensors, path, {k: str(v) for k, v in (metadata or {}).items()})
-    return path

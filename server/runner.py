@@ -18,15 +18,16 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from common.taskedge.allocation import Mask
+from common.export import save_model
 from common.local import local_eval
-from common.data import get_task
 from common.methods import (MASK_METHODS, base_model, carry_arrays, export, get_arrays, method_model, num_entries,
                             set_arrays)
 from common.partition import server_test_set
+from common.preprocess import resolve_preprocess
 from common.settings import AppConfig
+from common.taskedge.allocation import Mask
 
-from .checkpoint import Checkpoint, export_model, load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .guard import ReplyGuard
 from .messages import array_record, wait_for_nodes
 from .phases import MaskDelivery, classes_phase, max_examples, statistics_phase
@@ -234,8 +235,10 @@ def _finish(fed: Federation, recorder: RunRecorder, model, extra: dict | None = 
     summary["dropped_replies"] = len(fed.dropped)
     summary.update(extra or {})  # privacy: final (epsilon, delta), secure aggregation, why a run stopped early
     if fed.run_dir is not None:
-        export_model(export(method, model).state_dict(), fed.run_dir / "final_model.safetensors",
-                     {"method": cfg.method, "model": cfg.model, "task": cfg.task, "rounds": summary.get("rounds", 0)})
+        save_model(export(method, model).state_dict(), fed.run_dir / "final_model.safetensors", model_name=cfg.model,
+                   class_names=cfg.classes, preprocess=resolve_preprocess(cfg.model, cfg.img_size or None),
+                   extra={"method": cfg.method, "data": cfg.data_path or f"task {cfg.task}",
+                          "rounds": summary.get("rounds", 0)})
         summary["run_dir"] = str(fed.run_dir)
         recorder.summary = summary
         stopped = (extra or {}).get("stopped")
