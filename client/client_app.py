@@ -7,6 +7,10 @@ authoritative: `run_simulation` gives clients none). Node config (deployment): `
 `num-partitions`, optional `data-path` (local folder instead of the simulated partition),
 `budget-rank` (a smaller device budget: the node trains the nested sub-mask of that rank) and
 `num-threads` (torch threads; default: run config `client-threads`).
+
+Backbone check: the statistics query carries the server's `backbone-sha256` (common.models.
+backbone_fingerprint of its frozen pre-trained model). A node whose own backbone hashes otherwise
+refuses that query, and every later mask / train / evaluate message, with both fingerprints named.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ from flwr.clientapp import ClientApp
 
 from common.taskedge.allocation import Mask
 from common.local import local_eval, local_gradients, local_stats, local_train, local_vote
-from common.methods import MASK_METHODS, base_model, get_arrays, method_model, node_mask, set_arrays
-from common.partition import node_class_names, node_data
+from common.methods import (MASK_METHODS, base_fingerprint, base_model, get_arrays, method_model, node_mask,
+                            set_arrays)
+from common.models import BACKBONE_KEY, EMBEDDED_MODELS, WEIGHTS_ENV, BackboneMismatch, shipped_weights
+from common.partition import node_class_names, node_data, node_input_size
 from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
 from common.wire import put, take
 
@@ -30,6 +36,44 @@ def _config(msg: Message, context: Context) -> AppConfig:
     cfg = parse_run_config({**context.run_config, **sent})
     torch.set_num_threads(int(context.node_config.get("num-threads", cfg.client_threads)))
     return cfg
+
+
+BACKBONE_STATE = "backbone"  # context.state: the server's fingerprint, as the statistics query sent it
+
+
+def _backbone_source(cfg: AppConfig) -> str:
+    """Where this node's frozen backbone came from, for the mismatch error."""
+    if cfg.weights_path == "hub":
+        return f"{cfg.model} from the hub"
+    if cfg.weights_path:
+        return f"weights-path {cfg.weights_path!r} on this node"
+    if cfg.model in EMBEDDED_MODELS:
+        return f"embedded weights {shipped_weights(cfg.model) or '(pre-trained here)'}"
+    return f"random init of {cfg.model} (seed {cfg.seed})"
+
+
+def _check_backbone(msg: Message, context: Context, cfg: AppConfig) -> None:
+    """Refuse to work on another frozen backbone than the server's.
+
+    The server's fingerprint comes with the statistics query (message config, not a run-config key) and is
+    kept in the node's state, so the mask, train and evaluate messages that follow are refused too; a
+    message with no fingerprint, before any was received, is not checked."""
+    conf = msg.content.get("config")
+    expected = conf.get(BACKBONE_KEY) if conf is not None else None
+    if expected:
+        context.state[BACKBONE_STATE] = ConfigRecord({BACKBONE_KEY: str(expected)})
+    elif BACKBONE_STATE in context.state:
+        expected = context.state[BACKBONE_STATE][BACKBONE_KEY]
+    else:
+        return
+    own = base_fingerprint(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
+    if own != str(expected):
+        raise BackboneMismatch(
+            f"backbone mismatch: this node's {cfg.model} hashes to {own[:12]}, the server's to {str(expected)[:12]} "
+            f"(sha256 of the frozen weights as loaded, head excluded; this node: {_backbone_source(cfg)}); it refuses "
+            f"to train deltas for another backbone: give it the server's weights (the same weights-path file; for an "
+            f"embedded model {WEIGHTS_ENV} at the shipped common/weights/, which python -m "
+            f"simulations.pretrain_backbone --check verifies) and restart it")
 
 
 def _rank(cfg: AppConfig, context: Context, conf: ConfigRecord | None = None) -> int:
@@ -48,6 +92,7 @@ def _record(arrays: dict) -> ArrayRecord:
 
 def _model(msg: Message, context: Context, cfg: AppConfig):
     """(model loaded with this node's share of the server's arrays, received arrays, positions)."""
+    _check_backbone(msg, context, cfg)
     received = _arrays(msg.content["arrays"])
     mask, positions = None, None
     if cfg.method in MASK_METHODS:
@@ -66,8 +111,9 @@ def stats(msg: Message, context: Context) -> Message:
     """Sum-of-squares statistics of the local calibration data (plus local top-k when voting, and the
     signed calibration-gradient sums for score='gradient')."""
     cfg = _config(msg, context)
+    _check_backbone(msg, context, cfg)
     tcfg, data = cfg.taskedge_config(), node_data(cfg, context.node_config)
-    model = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
+    model = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
     st = local_stats(model, tcfg, data.x_calib, cfg.batch_size)
     content = RecordDict({"stats": _record(st), "info": MetricRecord({"num-examples": len(data.x_train),
                                                                       "calib-examples": len(data.x_calib)})})
@@ -81,13 +127,15 @@ def stats(msg: Message, context: Context) -> Message:
 def classes(msg: Message, context: Context) -> Message:
     """The class names of this node's dataset: the server fixes the federation's classes from them."""
     cfg = _config(msg, context)
-    return Message(RecordDict({"classes": ConfigRecord({"class-names": node_class_names(cfg, context.node_config)})}),
+    return Message(RecordDict({"classes": ConfigRecord({"class-names": node_class_names(cfg, context.node_config),
+                                                        "input-size": node_input_size(cfg, context.node_config)})}),
                    reply_to=msg)
 
 
 def install_mask(msg: Message, context: Context) -> Message:
     """Keep the global mask (indices and ranks) for the training rounds; answer with the budget rank."""
     cfg = _config(msg, context)
+    _check_backbone(msg, context, cfg)
     version = int(msg.content["config"]["mask-version"])
     Mask.from_arrays(_arrays(msg.content["mask"]))  # validate before keeping it
     context.state["mask"] = msg.content["mask"]

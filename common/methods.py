@@ -35,25 +35,53 @@ MASK_METHODS = ("taskedge", "taskedge-lora")
 
 
 @lru_cache(maxsize=2)
-def _cached_base(model: str, num_classes: int, weights_path: str, seed: int) -> nn.Module:
+def pretrained_base(model: str, num_classes: int, weights_path: str, seed: int, img_size: int = 0) -> nn.Module:
+    """The pre-trained model for these run-config values, built once per process and shared: never mutate it
+    (`base_model` hands out copies)."""
     from common.models import EMBEDDED_MODELS, create_model
 
+    kw = {"img_size": img_size} if img_size and model not in EMBEDDED_MODELS and _takes_img_size(model) else {}
     if weights_path == "hub":
-        return create_model(model, num_classes=num_classes, pretrained=True)
+        return create_model(model, num_classes=num_classes, pretrained=True, **kw)
     if weights_path:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            return create_model(model, num_classes=num_classes, weights=weights_path)
+            return create_model(model, num_classes=num_classes, weights=weights_path, **kw)
     if model in EMBEDDED_MODELS:
         return create_model(model, num_classes=num_classes, pretrained=True)
     with torch.random.fork_rng():  # no weights: identical random init on every node
         torch.manual_seed(seed)
-        return create_model(model, num_classes=num_classes)
+        return create_model(model, num_classes=num_classes, **kw)
 
 
-def base_model(model: str, num_classes: int, weights_path: str = "", seed: int = 0) -> nn.Module:
-    """A fresh copy of the pre-trained model (cached per process; the cache is never mutated)."""
-    return copy.deepcopy(_cached_base(model, num_classes, weights_path, seed))
+def _takes_img_size(model: str) -> bool:
+    """Whether a timm architecture is built for an input size (ViT-like: patch grid, position embedding);
+    CNNs pool globally and take any size."""
+    import inspect
+
+    import timm
+
+    fn = timm.models.model_entrypoint(model) if timm.is_model(model) else None
+    if fn is None:
+        return False
+    cls = getattr(timm.models, fn.__module__.rsplit(".", 1)[-1], None)
+    arch = next((v for v in vars(cls).values() if isinstance(v, type) and issubclass(v, nn.Module)
+                 and "img_size" in inspect.signature(v.__init__).parameters), None) if cls else None
+    return arch is not None
+
+
+def base_fingerprint(model: str, num_classes: int, weights_path: str = "", seed: int = 0, img_size: int = 0) -> str:
+    """`common.models.backbone_fingerprint` of this process's pre-trained model for these run-config values (the
+    arguments of `base_model`): the cached copy `base_model` deep-copies, so it is hashed once per process."""
+    from common.models import backbone_fingerprint
+
+    return backbone_fingerprint(pretrained_base(model, num_classes, weights_path, seed, img_size))
+
+
+def base_model(model: str, num_classes: int, weights_path: str = "", seed: int = 0, img_size: int = 0) -> nn.Module:
+    """A fresh copy of the pre-trained model (cached per process; the cache is never mutated); `img_size`:
+    build a ViT-like model for that input size (its position embedding resampled from the weights)."""
+    return copy.deepcopy(pretrained_base(model, num_classes, weights_path, seed, img_size))
 
 
 def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None = None,
@@ -92,7 +120,7 @@ def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None 
 
 def method_model(cfg: AppConfig, mask: Mask | None = None) -> nn.Module:
     """The trainable model of `cfg.method` on a fresh copy of the pre-trained backbone."""
-    base = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
+    base = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
     model = build(cfg.method, base, cfg.taskedge_config(), mask, cfg.lora_rank, cfg.seed)
     setattr(model, HEAD_LR_ATTR, cfg.effective_head_lr)  # the head's AdamW rate (common.train.make_optimizer reads it)
     return model

@@ -5,9 +5,16 @@ whose Linear layers (qkv / proj / fc1 / fc2) are the TaskEdge targets.  Its
 pre-trained weights ship with the package (``common/weights/``, safetensors,
 sha256 in ``EMBEDDED_WEIGHTS``): they come from ``simulations/pretrain_backbone.py``
 (pre-training on the procedural ``upstream-mix`` task, fixed recipe and seed),
-so the whole project works offline and a first run does not pre-train.  A model
-without shipped weights is pre-trained with the same recipe on first use and cached under
-``$TASKEDGE_CACHE``. Two timm CNNs built the same way ship too, for the edge benchmark:
+so the whole project works offline and a first run does not pre-train.  Shipped weights are looked
+for beside this module, in ``$TASKEDGE_WEIGHTS_DIR`` and in the installed ``taskedge-fl``
+distribution (a Flower app bundle carries no .safetensors); when none is found the upstream
+backbone is never re-trained silently (a re-run gives other bits than the shipped file): it is
+an error naming ``TASKEDGE_WEIGHTS_DIR``, unless pre-training is asked for
+(``simulations/pretrain_backbone.py``, ``allow_pretrain=True`` or ``TASKEDGE_ALLOW_PRETRAIN=1``).
+Other upstream tasks are pre-trained with the same recipe on first use and cached under
+``$TASKEDGE_CACHE``. ``backbone_fingerprint`` hashes the frozen backbone as loaded: the server
+sends its fingerprint with the statistics query and a node holding another backbone refuses.
+Two timm CNNs built the same way ship too, for the edge benchmark:
 ``taskedge-resnet-tiny`` (timm ResNet, BasicBlocks) and ``taskedge-mobilenetv2-tiny`` (timm's
 MobileNetV2 builder: inverted residuals with depthwise convs).
 
@@ -25,6 +32,7 @@ import math
 import os
 import pickle
 import time
+import weakref
 from pathlib import Path
 
 import timm
@@ -40,12 +48,17 @@ from common.taskedge.tuner import find_head
 from common.data import UPSTREAM_TASK, TaskSpec, cache_dir, fingerprint, get_task, make_split
 
 __all__ = [
+    "BACKBONE_KEY",
+    "BackboneMismatch",
     "DEFAULT_MODEL",
     "EMBEDDED_MODELS",
+    "MissingWeightsError",
+    "backbone_fingerprint",
     "create_model",
     "create_embedded",
     "embedded_backbone",
     "embedded_info",
+    "installed_weights",
     "load_weights",
     "fresh_head",
 ]
@@ -68,6 +81,19 @@ EMBEDDED_WEIGHTS = {
                                   "cbe2f759dab136086e8f580befb2b791c623761863828d3b0fd7f809f18f0349"),
 }
 HEAD_SEED = 0  # seed of the fresh downstream head (the same head on every node)
+DISTRIBUTION = "taskedge-fl"  # the project's installed distribution: where a FAB's apps find the shipped weights
+WEIGHTS_ENV = "TASKEDGE_WEIGHTS_DIR"  # a folder holding the shipped weights files (deployments from a FAB)
+ALLOW_PRETRAIN_ENV = "TASKEDGE_ALLOW_PRETRAIN"  # "1": missing shipped weights may be re-trained in this process
+BACKBONE_KEY = "backbone-sha256"  # statistics-query config key: the server's backbone_fingerprint()
+_OWN_WEIGHTS = Path(__file__).resolve().parent / "weights"  # WEIGHTS_DIR as imported (tests may patch WEIGHTS_DIR)
+
+
+class MissingWeightsError(FileNotFoundError):
+    """An embedded model's shipped weights are nowhere to be found (and pre-training was not asked for)."""
+
+
+class BackboneMismatch(RuntimeError):
+    """This process holds another frozen backbone than the server's."""
 
 
 # --------------------------------------------------------------------------
@@ -194,13 +220,40 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, skip_head: bool =
     skipped = [k for k in sd if in_head(k) and (skip_head or k not in own or own[k].shape != sd[k].shape)]
     skipped += [k for k in own if in_head(k) and k not in sd]
     sd = {k: v for k, v in sd.items() if k not in skipped}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if not in_head(k)]
-    if missing or unexpected:
-        raise RuntimeError(f"{path} does not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    if "pos_embed" in sd and "pos_embed" in own and sd["pos_embed"].shape != own["pos_embed"].shape:
+        sd["pos_embed"] = _resample_pos_embed(model, sd["pos_embed"])  # ViT weights trained at another size
+    problem = weights_mismatch({k: v for k, v in sd.items() if not in_head(k)},
+                               {k: v for k, v in own.items() if not in_head(k)})
+    if problem:
+        raise ValueError(f"weights-path '{path}' does not fit {type(model).__name__}: {problem}")
+    model.load_state_dict(sd, strict=False)
     if skipped:
         log.info("%s: classifier head %r re-initialised (shape differs)", path.name, head)
     return sorted(set(skipped))
+
+
+def weights_mismatch(sd: dict, own: dict, show: int = 3) -> str:
+    """'' when every key of `own` is in `sd` with its shape and `sd` has nothing else; else one line with the
+    counts and the first few of each kind (a state dict of another architecture lists hundreds of keys)."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(v)} {what} (e.g. {', '.join(v[:show])})" for what, v in
+             (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+    return f"of {len(own)} model tensors, " + "; ".join(parts) if parts else ""
+
+
+def _resample_pos_embed(model: nn.Module, pos: torch.Tensor) -> torch.Tensor:
+    """A ViT's absolute position embedding for the model's grid (timm's own resampling, as for pretrained
+    weights at another image size); unchanged if the model has no such grid."""
+    from timm.layers import resample_abs_pos_embed
+
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        return pos
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+    return resample_abs_pos_embed(pos, new_size=list(grid), num_prefix_tokens=prefix)
 
 
 def fresh_head(model: nn.Module, seed: int = HEAD_SEED) -> nn.Module:
@@ -319,17 +372,94 @@ def sha256(path: str | os.PathLike) -> str:
 def shipped_weights(model: str = DEFAULT_MODEL) -> Path | None:
     """The weights file shipped with the project for an embedded model (None if there is none).
 
-    Looked for next to this module and in `$TASKEDGE_WEIGHTS_DIR`: a Flower app bundle (FAB) carries only
-    source and text files (flwr's built-in include list, not overridable), so a ServerApp/ClientApp run
-    from an installed FAB finds no .safetensors beside it; run_flwr.sh points the variable at the checkout.
+    Looked for next to this module, in `$TASKEDGE_WEIGHTS_DIR` and in the installed `taskedge-fl`
+    distribution (:func:`installed_weights`): a Flower app bundle (FAB) carries only source and text files
+    (flwr's built-in include list, not overridable), so a ServerApp/ClientApp run from an installed FAB
+    finds no .safetensors beside it; run_flwr.sh points the variable at the checkout.
     """
     entry = EMBEDDED_WEIGHTS.get(model)
     if entry is None:
         return None
-    for folder in (WEIGHTS_DIR, os.environ.get("TASKEDGE_WEIGHTS_DIR")):
+    for folder in (WEIGHTS_DIR, os.environ.get(WEIGHTS_ENV)):
         if folder and (Path(folder) / entry[0]).is_file():
             return Path(folder) / entry[0]
+    return installed_weights(model)
+
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached per (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        _SHA_CACHE[key] = sha256(path)
+    return _SHA_CACHE[key]
+
+
+def _distribution_candidates(fname: str) -> list[Path]:
+    """Where the installed `taskedge-fl` distribution may hold `common/weights/<fname>`: a file it installed
+    (a wheel install lists it in RECORD) and, for a local or editable install, the source checkout that
+    `direct_url.json` names."""
+    import importlib.metadata as md
+    from urllib.parse import unquote, urlparse
+    from urllib.request import url2pathname
+
+    try:
+        dist = md.distribution(DISTRIBUTION)
+    except md.PackageNotFoundError:
+        return []
+    rel = f"common/weights/{fname}"
+    out = [Path(dist.locate_file(f)) for f in (dist.files or []) if f.as_posix() == rel]
+    try:
+        url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+    except (ValueError, AttributeError):
+        url = ""
+    if url.startswith("file:"):
+        out.append(Path(url2pathname(unquote(urlparse(url).path))) / "common" / "weights" / fname)
+    return out
+
+
+def installed_weights(model: str = DEFAULT_MODEL) -> Path | None:
+    """The shipped weights file of the installed `taskedge-fl` distribution, when its sha256 is the one in
+    `EMBEDDED_WEIGHTS` (None otherwise).
+
+    For a `common` imported from somewhere else than the installed project, e.g. from a FAB that Flower
+    unpacked: the installed distribution (an editable install's checkout, or a wheel's files) still holds
+    `common/weights/`. The folder beside this very module is not looked at again."""
+    entry = EMBEDDED_WEIGHTS.get(model)
+    if entry is None:
+        return None
+    fname, expected = entry
+    for path in _distribution_candidates(fname):
+        try:
+            if path.resolve().parent == _OWN_WEIGHTS or not path.is_file():
+                continue
+            if _file_sha256(path) == expected:
+                return path
+        except OSError:
+            continue
+        log.warning("%s: %s is not the shipped file (sha256 differs from EMBEDDED_WEIGHTS); not used", model, path)
     return None
+
+
+def missing_weights_error(model: str) -> MissingWeightsError:
+    """The one-line error for an embedded model whose shipped weights are nowhere (what to set, what to run)."""
+    fname = EMBEDDED_WEIGHTS[model][0]
+    env = os.environ.get(WEIGHTS_ENV)
+    return MissingWeightsError(
+        f"{model}: shipped weights {fname} not found (looked in {WEIGHTS_DIR}, in {WEIGHTS_ENV}="
+        f"{env or '(unset)'} and in the installed {DISTRIBUTION} distribution); a Flower app bundle carries no "
+        f".safetensors: set {WEIGHTS_ENV} to a folder holding {fname} (a checkout's common/weights/) for the "
+        f"ServerApp and every SuperNode, or install the project (pip install -e <checkout>) where they run; "
+        f"pre-training is explicit (python -m simulations.pretrain_backbone, or {ALLOW_PRETRAIN_ENV}=1) and "
+        f"gives other bits than the shipped file, so every node would need that same file")
+
+
+def pretrain_allowed() -> bool:
+    """`$TASKEDGE_ALLOW_PRETRAIN` is set to 1/true/yes: missing shipped weights may be re-trained here."""
+    return os.environ.get(ALLOW_PRETRAIN_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
 def pretrain(model: str = DEFAULT_MODEL, task: str = UPSTREAM_TASK, out: str | os.PathLike | None = None,
@@ -366,14 +496,23 @@ def pretrain(model: str = DEFAULT_MODEL, task: str = UPSTREAM_TASK, out: str | o
     return str(path)
 
 
-def embedded_backbone(task: str = UPSTREAM_TASK, *, model: str = DEFAULT_MODEL, progress: bool = True) -> str:
+def embedded_backbone(task: str = UPSTREAM_TASK, *, model: str = DEFAULT_MODEL, progress: bool = True,
+                      allow_pretrain: bool | None = None) -> str:
     """Path to the pre-trained weights of an embedded model: the shipped file when there is one,
-    else the cache, pre-training on first use."""
+    else the cache, pre-training on first use.
+
+    The upstream weights of a model that ships them are never re-trained silently (a deployment that
+    misses them would pre-train on every node, each to other bits): without the shipped file this raises
+    :class:`MissingWeightsError` unless `allow_pretrain` (default: `$TASKEDGE_ALLOW_PRETRAIN`) is true.
+    Other tasks pre-train on first use, as before."""
     if model not in EMBEDDED_MODELS:
         raise ValueError(f"unknown embedded model {model!r}; allowed: {sorted(EMBEDDED_MODELS)}")
-    shipped = shipped_weights(model)
-    if shipped is not None and task == UPSTREAM_TASK:
-        return str(shipped)
+    if task == UPSTREAM_TASK and model in EMBEDDED_WEIGHTS:
+        shipped = shipped_weights(model)
+        if shipped is not None:
+            return str(shipped)
+        if not (pretrain_allowed() if allow_pretrain is None else allow_pretrain):
+            raise missing_weights_error(model)
     spec = get_task(task)
     path = _weights_path(model, spec)
     if path.exists():
@@ -396,3 +535,33 @@ def embedded_info(path: str | os.PathLike) -> dict[str, str]:
 def create_embedded(num_classes: int, *, model: str = DEFAULT_MODEL, **kw) -> nn.Module:
     """The embedded backbone with upstream weights and a fresh head for ``num_classes``."""
     return create_model(model, num_classes=num_classes, pretrained=True, **kw)
+
+
+# --------------------------------------------------------------------------
+# Backbone fingerprint: do the server and a node hold the same frozen backbone?
+# --------------------------------------------------------------------------
+_FINGERPRINTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, str]]" = weakref.WeakKeyDictionary()
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """sha256 of the frozen backbone as loaded: every state-dict entry but the classifier head's, in sorted
+    key order, each as its key, dtype, shape and raw bytes (parameters and buffers alike).
+
+    Equal on two builds of the same weights (whatever the head size), different when any entry changes.
+    Cached per model object; the cache is checked against every tensor's storage and in-place version
+    counter, so a model changed in place (load_state_dict, an optimizer step) is hashed again."""
+    head = find_head(model)
+    sd = {k: v for k, v in model.state_dict().items() if not (k == head or k.startswith(head + "."))}
+    key = tuple((k, v.data_ptr(), v._version) for k, v in sorted(sd.items()))
+    hit = _FINGERPRINTS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().to("cpu").contiguous()
+        h.update(f"{k}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0{t.numel()}\0".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    digest = h.hexdigest()
+    _FINGERPRINTS[model] = (key, digest)
+    return digest

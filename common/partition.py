@@ -91,6 +91,16 @@ def node_class_names(cfg: AppConfig, node_config: dict) -> list[str]:
     return list(get_task(cfg.task).class_names)
 
 
+def node_input_size(cfg: AppConfig, node_config: dict) -> int:
+    """The image size this node feeds the model: the model's preprocessing for a user's data (`img-size`
+    overrides), the built-in task's own size otherwise. The server probes its statistics shapes with it."""
+    if node_config.get("data-path") or cfg.data_path:
+        from common.preprocess import resolve_preprocess
+
+        return resolve_preprocess(cfg.model, cfg.img_size or None).img_size
+    return cfg.img_size or get_task(cfg.task).image_size
+
+
 def _to_global(y: torch.Tensor, names: list[str], cfg: AppConfig) -> torch.Tensor:
     """Labels numbered by the dataset's own class list -> the federation's (common.classes)."""
     if names == cfg.classes:

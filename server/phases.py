@@ -36,7 +36,7 @@ from .recorder import RoundLog
 
 def server_model(cfg: AppConfig):
     """The server's copy of the frozen pre-trained model (masks are built on it; statistics are probed on it)."""
-    return base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
+    return base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
 
 
 def send_query(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, nodes: list[int], kind: str) -> dict:
@@ -56,11 +56,17 @@ def max_examples(cfg: AppConfig) -> int:
     return cfg.max_examples or get_task(cfg.task).train_size
 
 
-def stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple], dict[str, int]]:
-    """Statistic shape and rows per calibration example of every target module (one probe example)."""
+def stats_input_size(cfg: AppConfig) -> int:
+    """The image size the nodes feed: `img-size` (set from the nodes' reports by the classes phase), else the
+    built-in task's."""
     from common.data import get_task
 
-    size = get_task(cfg.task).image_size
+    return cfg.img_size or get_task(cfg.task).image_size
+
+
+def stats_limits(base, cfg: AppConfig, targets: dict) -> tuple[dict[str, tuple], dict[str, int]]:
+    """Statistic shape and rows per calibration example of every target module (one probe example)."""
+    size = stats_input_size(cfg)
     probe = collect_stats(base, targets, [torch.zeros(1, 3, size, size)])
     return ({n: tuple(st.ss.shape) for n, st in probe.items()}, {n: int(st.n) for n, st in probe.items()})
 
@@ -72,18 +78,24 @@ def classes_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -
     message carries them); unchanged when every node holds the built-in task. A node whose reply is bad is
     dropped with a reason; none valid: an error naming the reasons."""
     replies = send_query(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "classes")
-    reports = []
+    reports, sizes = [], {}
     for nid in nodes:
         try:
             if nid not in replies:
                 raise validate.BadReply("no reply before the timeout")
-            reports.append(validate.classes_reply(replies[nid]))
+            names, sizes[nid] = validate.classes_reply(replies[nid])
+            reports.append(names)
         except Exception as exc:  # noqa: BLE001 - one reply never stops the phase
             log.drop(nid, f"classes: {exc}")
     if not reports:
         why = "; ".join(d["reason"] for d in log.dropped[-3:])
         raise RuntimeError(f"classes phase: no node reported its classes ({why})")
+    size = max(set(sizes.values()), key=list(sizes.values()).count)  # the nodes' input size (the majority's)
+    for nid in [n for n, s in sizes.items() if s != size]:
+        log.drop(nid, f"classes: feeds {sizes[nid]}-px images, the others {size} px (set img-size)")
     names = global_classes(reports, parse_class_names(cfg.class_names), cfg.num_classes)
+    if size != stats_input_size(cfg):
+        cfg = replace(cfg, img_size=size)  # the statistics probe and a ViT's grid follow the nodes' images
     if names == cfg.classes and len(names) == cfg.head_size:
         return cfg
     log.info("Classes: %d (%s%s), from %s", len(names), ", ".join(names[:6]), ", ..." if len(names) > 6 else "",
@@ -91,15 +103,28 @@ def classes_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -
     return replace(cfg, class_names=json.dumps(names), num_classes=len(names))
 
 
+def stats_config(cfg: AppConfig) -> ConfigRecord:
+    """The statistics query's config: the run config's client keys plus `backbone-sha256`, the fingerprint of
+    the server's frozen backbone (common.models.backbone_fingerprint, hashed once per process). A node
+    whose own backbone hashes otherwise refuses the query, naming both fingerprints, and is dropped."""
+    from common.methods import base_fingerprint
+    from common.models import BACKBONE_KEY
+
+    fingerprint = base_fingerprint(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
+    return ConfigRecord({**cfg.client_config(), BACKBONE_KEY: fingerprint})
+
+
 def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog) -> Mask | None:
-    """Ask `nodes` for statistics and reconcile them; None when fewer than min-replies were valid."""
+    """Ask `nodes` for statistics and reconcile them; None when fewer than min-replies were valid.
+    The query carries the server's backbone fingerprint (`stats_config`): a node on another backbone refuses
+    and is dropped with both fingerprints in the reason."""
     base, tcfg = server_model(cfg), cfg.taskedge_config()
     targets = target_modules(base, tcfg)
     shapes, rows = stats_limits(base, cfg, targets)
     vote_sizes = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
     grad_shapes = ({n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
                    if tcfg.score == "gradient" else None)
-    replies = send_query(grid, cfg, log, RecordDict({"config": ConfigRecord(cfg.client_config())}), nodes, "stats")
+    replies = send_query(grid, cfg, log, RecordDict({"config": stats_config(cfg)}), nodes, "stats")
     stats, votes = [], []
     for nid in nodes:
         try:

@@ -224,7 +224,9 @@ class Privacy:
                     f"the statistics release would push epsilon past max-epsilon={cfg.max_epsilon:g} (spent so far: "
                     f"{self.accountant.get_privacy_spent().epsilon:.4g} at delta {cfg.dp_delta:g})")
         weighted = not self.dp  # DP: every node's contribution bounded, whatever its row count
-        config = ConfigRecord(cfg.client_config())
+        from .phases import stats_config  # the client keys + the server's backbone fingerprint
+
+        config = stats_config(cfg)
         if self.secure:
             req = ConfigRecord({"message-type": "query.stats", "clipping-range": bound, "stats-bound": bound,
                                 "weighted": weighted, "modules": modules, "max-rows": [max_rows[m] for m in modules]})

@@ -20,8 +20,9 @@ from flwr.serverapp.strategy import Strategy
 
 from common.export import save_model
 from common.local import local_eval
-from common.methods import (MASK_METHODS, base_model, carry_arrays, export, get_arrays, method_model, num_entries,
-                            set_arrays)
+from common.methods import (MASK_METHODS, base_fingerprint, base_model, carry_arrays, export, get_arrays,
+                            method_model, num_entries, set_arrays)
+from common.models import BACKBONE_KEY
 from common.partition import server_test_set
 from common.preprocess import resolve_preprocess
 from common.settings import AppConfig
@@ -170,6 +171,7 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
                        private=privacy.dp, positions=delivery.positions if nested and not cfg.secure_aggregation else None)
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
     model = method_model(cfg, fed.mask)
+    fingerprint = base_fingerprint(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
     test_set = server_test_set(cfg)
     log.info("Headline accuracy: %s", "the server's test set (%s)" % (cfg.server_data_path or f"task {cfg.task}")
              if test_set is not None else "federated evaluation (the nodes' own test splits; no server test set)")
@@ -201,7 +203,8 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
                 model = method_model(cfg, fed.mask)
                 restore_momentum(strategy, {}, keys)
             rounds = min(every - done % every if every else cfg.num_server_rounds, cfg.num_server_rounds - done)
-            conf = {**cfg.client_config(), "mask-version": fed.mask_version, "round-offset": done}
+            conf = {**cfg.client_config(), "mask-version": fed.mask_version, "round-offset": done,
+                    BACKBONE_KEY: fingerprint}  # every method's nodes check it, late joiners too
             guard.start(grid=privacy.grid(grid), initial_arrays=array_record(fed.arrays), num_rounds=rounds,
                         timeout=cfg.round_timeout, train_config=ConfigRecord(dict(conf)),
                         evaluate_config=ConfigRecord(dict(conf)), evaluate_fn=end_round)
@@ -219,7 +222,7 @@ def _stop_before_training(fed: Federation, log: RoundLog, privacy: Privacy) -> t
     """The run ends before any release: the pre-trained model, unchanged, is the final model."""
     cfg = fed.cfg
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
-    base = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed)
+    base = base_model(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)
     fed.dropped = log.dropped
     return fed, _finish(fed, recorder, base, privacy.summary(), method="head-only")
 

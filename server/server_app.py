@@ -11,6 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
+from common.models import EMBEDDED_MODELS, embedded_backbone
 from common.settings import parse_run_config
 
 from .quiet import quiet_flower
@@ -29,6 +30,8 @@ def create_app(run_config: dict | None = None) -> ServerApp:
 
 def main(grid: Grid, context: Context, overrides: dict | None = None) -> None:
     cfg = parse_run_config({**context.run_config, **(overrides or {})})  # fails here, naming the key
+    if cfg.model in EMBEDDED_MODELS and not cfg.weights_path:
+        embedded_backbone(model=cfg.model)  # no shipped weights: fail now naming TASKEDGE_WEIGHTS_DIR, not later
     LAST.clear()
     with quiet_flower():
         fed, summary = run_federation(grid, cfg)

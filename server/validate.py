@@ -210,8 +210,9 @@ def within_submask(values: np.ndarray, sent: np.ndarray, positions: np.ndarray) 
                        f"(a node trains only its own sub-mask)")
 
 
-def classes_reply(msg: Message) -> list[str]:
-    """The class names of a node's data (a ConfigRecord 'classes' with a list of strings), or BadReply."""
+def classes_reply(msg: Message) -> tuple[list[str], int]:
+    """(class names of a node's data, the image size it feeds the model) from its ConfigRecord 'classes',
+    or BadReply."""
     check_error(msg, ("classes",))
     rec = _record(msg, "classes", ConfigRecord)
     names = rec.get("class-names")
@@ -219,4 +220,7 @@ def classes_reply(msg: Message) -> list[str]:
         check_names(names if isinstance(names, list) else None)
     except ValueError as exc:
         raise BadReply(f"'class-names': {exc}") from None
-    return list(names)
+    size = rec.get("input-size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= 4096:
+        raise BadReply(f"'input-size' must be an integer in [8, 4096], got {size!r}")
+    return list(names), size

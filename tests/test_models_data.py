@@ -222,8 +222,23 @@ def test_non_head_mismatch_is_an_error(tmp_path):
     sd = M.create_model("taskedge-vit-tiny", num_classes=10).state_dict()
     sd.pop("blocks.0.attn.qkv.weight")
     torch.save(sd, tmp_path / "broken.pth")
-    with pytest.raises(RuntimeError, match="qkv"):
+    with pytest.raises(ValueError, match=r"does not fit VisionTransformer: of \d+ model tensors, 1 missing "
+                                         r"\(e.g. blocks.0.attn.qkv.weight\)$"):
         M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "broken.pth")
+    # another architecture: one line with counts and the first three of each kind, not thousands of characters
+    torch.save(M.timm.create_model("resnet10t", num_classes=10).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(ValueError) as err:
+        M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "resnet.pth")
+    assert len(str(err.value)) < 600 and "\n" not in str(err.value) and "missing" in str(err.value)
+
+
+def test_vit_weights_of_another_image_size_are_resampled(tmp_path):
+    """64-px ViT weights into a 32-px ViT (img-size): timm's pos_embed resampling, no size-mismatch error."""
+    src = M.timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, num_classes=4)
+    torch.save(src.state_dict(), tmp_path / "vit64.pth")
+    dst = M.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4, weights=tmp_path / "vit64.pth")
+    assert dst.pos_embed.shape == (1, 1 + 4, 192)
+    assert torch.equal(dst.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     with pytest.raises(FileNotFoundError):
         M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "missing.pth")
 
