@@ -40,7 +40,7 @@ def pretrained_base(model: str, num_classes: int, weights_path: str, seed: int, 
     (`base_model` hands out copies)."""
     from common.models import EMBEDDED_MODELS, create_model
 
-    kw = {"img_size": img_size} if img_size and model not in EMBEDDED_MODELS and _takes_img_size(model) else {}
+    kw = {"img_size": img_size} if img_size and model not in EMBEDDED_MODELS and takes_img_size(model) else {}
     if weights_path == "hub":
         return create_model(model, num_classes=num_classes, pretrained=True, **kw)
     if weights_path:
@@ -54,7 +54,7 @@ def pretrained_base(model: str, num_classes: int, weights_path: str, seed: int, 
         return create_model(model, num_classes=num_classes, **kw)
 
 
-def _takes_img_size(model: str) -> bool:
+def takes_img_size(model: str) -> bool:
     """Whether a timm architecture is built for an input size (ViT-like: patch grid, position embedding);
     CNNs pool globally and take any size."""
     import inspect

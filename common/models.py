@@ -175,7 +175,7 @@ _register()
 # --------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------
-def _resolve(name: str) -> str:
+def resolve_name(name: str) -> str:
     timm_name = EMBEDDED_MODELS.get(name, name)
     if timm_name.startswith(("hf-hub:", "hf_hub:", "local-dir:")) or timm.is_model(timm_name):
         return timm_name
@@ -185,7 +185,7 @@ def _resolve(name: str) -> str:
     )
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -215,7 +215,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, skip_head: bool =
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    sd, own, head = _read_state_dict(path), model.state_dict(), find_head(model)
+    sd, own, head = read_state_dict(path), model.state_dict(), find_head(model)
     in_head = lambda k: k.startswith(head + ".")  # noqa: E731
     skipped = [k for k in sd if in_head(k) and (skip_head or k not in own or own[k].shape != sd[k].shape)]
     skipped += [k for k in own if in_head(k) and k not in sd]
@@ -282,7 +282,7 @@ def create_model(
     head; ``weights`` loads a local .safetensors/.pth state dict instead (see
     :func:`load_weights`).
     """
-    timm_name = _resolve(name)
+    timm_name = resolve_name(name)
     if pretrained and weights is not None:
         raise ValueError("pass either pretrained=True or weights=..., not both")
     public = {v: k for k, v in EMBEDDED_MODELS.items()}.get(timm_name)

@@ -61,8 +61,10 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, shuffle: bool, se
 
 def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                  lr: float, seed: int = 0, optimizer: torch.optim.Optimizer | None = None,
-                 progress: bool = False, weight_decay: float = 0.0, head_lr: float | None = None) -> dict[str, float]:
-    """Cross-entropy training; returns the mean loss and accuracy of the last epoch.
+                 progress: bool = False, weight_decay: float = 0.0, head_lr: float | None = None,
+                 label: str | None = None) -> dict[str, float]:
+    """Cross-entropy training; returns the mean loss and accuracy of the last epoch (`label`: the progress
+    bar's text, for callers that run one epoch at a time).
 
     A model with BatchNorm skips a training batch of one example (the shuffled epoch's last batch when
     len(x) % batch_size == 1): BatchNorm cannot take batch statistics of one value per channel, and one
@@ -77,7 +79,8 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
         loss_sum = correct = seen = 0.0
         it = batches(x, y, batch_size, shuffle=True, seed=seed * 1000 + epoch)
         if progress:
-            it = tqdm(it, total=(len(x) + batch_size - 1) // batch_size, desc=f"epoch {epoch + 1}/{epochs}", leave=False)
+            it = tqdm(it, total=(len(x) + batch_size - 1) // batch_size, desc=label or f"epoch {epoch + 1}/{epochs}",
+                      leave=False)
         for xb, yb in it:
             if skip_single and len(xb) == 1:
                 continue

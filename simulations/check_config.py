@@ -142,7 +142,26 @@ def check(run_config: list[str] | None = None, *, nodes: int | None = None, fede
         if 0 < cfg["num-partitions"] < nodes:
             raise ConfigError(f"run config 'num-partitions': {cfg['num-partitions']} is less than the {have}; "
                               f"expected 0 (one partition per node) or >= {nodes}")
+    _check_files(cfg)
     return cfg
+
+
+def _check_files(cfg: dict[str, Any]) -> None:
+    """The user's weights file and data folders (no torch), then, only when a timm model or a weights file is
+    named, the model name and the file's keys and shapes against the model (torch + timm, a few seconds)."""
+    from common import preflight
+
+    problems = [preflight.weights_file(cfg["weights-path"]) if cfg["weights-path"] not in ("", "hub") else "",
+                preflight.data_path(cfg["data-path"]) if cfg["data-path"] else "",
+                preflight.data_path(cfg["server-data-path"], "server-data-path") if cfg["server-data-path"] else ""]
+    if not any(problems) and cfg["model"] != DEFAULTS["model"]:
+        problems.append(preflight.model_name(cfg["model"]))
+        if not problems[-1] and cfg["weights-path"] not in ("", "hub"):
+            problems.append(preflight.model_fits(cfg["model"], cfg["weights-path"], cfg["img-size"]))
+    problem = next((p for p in problems if p), "")
+    if problem:
+        key, _, rest = problem.partition(" ")
+        raise ConfigError(f"run config '{key}': {rest}")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,7 +4,8 @@
     python -m simulations.finetune --method linear      # head only (linear probe)
     python -m simulations.finetune --model vit_small_patch16_224 --weights vit_s.safetensors --data-path ./my_folder
 
-Prints the trainable parameters, per-epoch held-out accuracy, and writes a results JSON.
+Prints the trainable parameters, per-epoch held-out accuracy, writes a results JSON and saves the merged
+model with its class names and preprocessing (`common.export.load_model` loads it back).
 """
 from __future__ import annotations
 
@@ -37,29 +38,35 @@ _SELECTION = tuned.selection()
 
 
 def build_model(args, num_classes: int) -> torch.nn.Module:
+    from common.methods import takes_img_size
     from common.models import EMBEDDED_MODELS, create_embedded, create_model
 
     if args.model in EMBEDDED_MODELS and args.weights is None:
         return create_embedded(num_classes, model=args.model)
-    return create_model(args.model, num_classes=num_classes, pretrained=args.pretrained, weights=args.weights)
+    kw = {"img_size": args.img_size} if args.img_size and takes_img_size(args.model) else {}
+    return create_model(args.model, num_classes=num_classes, pretrained=args.pretrained, weights=args.weights, **kw)
 
 
 def load_data(args):
-    import torch
+    """(train, calib, test, class names, preprocessing): a user's data with the model's preprocessing and the
+    splits it has (common/userdata.py), or the built-in task."""
+    from common.data import get_task, make_split
+    from common.preprocess import resolve_preprocess
 
-    from common.data import get_task, load_image_folder, make_split
-
-    spec = get_task(args.task)
+    pre = resolve_preprocess(args.model, args.img_size or None)
     if args.data_path:
-        x, y = load_image_folder(args.data_path)
-        n_test = max(1, len(x) // 5)
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))
-        te, tr = perm[:n_test], perm[n_test:]
-        return (x[tr], y[tr]), (x[tr[:args.calib]], y[tr[:args.calib]]), (x[te], y[te]), int(y.max()) + 1
+        from common.userdata import load_data as load_split
+
+        tr, te = load_split(args.data_path, "train", pre), load_split(args.data_path, "test", pre)
+        skipped = tr.corrupt + te.corrupt
+        if skipped:
+            print(f"skipped {skipped} image(s) that could not be decoded")
+        return ((tr.x, tr.y), (tr.x[:args.calib], tr.y[:args.calib]), (te.x, te.y), tr.class_names, pre)
+    spec = get_task(args.task)
     train = make_split(spec, "train", n=args.train_size, seed=args.seed)
     calib = make_split(spec, "calib", n=args.calib, seed=args.seed)
     test = make_split(spec, "test", seed=args.seed)
-    return train, calib, test, spec.num_classes
+    return train, calib, test, list(spec.class_names), pre
 
 
 def prepare(model, args, calib):
@@ -90,8 +97,8 @@ def run(args) -> dict:
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    (xtr, ytr), calib, (xte, yte), num_classes = load_data(args)
-    model = build_model(args, num_classes)
+    (xtr, ytr), calib, (xte, yte), class_names, pre = load_data(args)
+    model = build_model(args, len(class_names))
     t0 = time.perf_counter()
     prepare(model, args, calib)
     setup_s = time.perf_counter() - t0
@@ -104,13 +111,25 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         tr = train_epochs(model, xtr, ytr, epochs=1, batch_size=args.batch_size, lr=args.lr,
-                          seed=args.seed + epoch, optimizer=opt, progress=not args.quiet)
+                          seed=args.seed + epoch, optimizer=opt, progress=not args.quiet,
+                          label=f"epoch {epoch}/{args.epochs}")
         te = evaluate(model, xte, yte)
         history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
                         "test_loss": te["loss"], "test_acc": te["acc"]})
         print(f"epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | test acc {te['acc']:.4f}")
-    result = {"config": vars(args), "trainable_line": line, "trainable": trainable, "setup_s": setup_s,
-              "train_s": time.perf_counter() - t0, "history": history, "final_test_acc": history[-1]["test_acc"]}
+    result = {"config": vars(args), "data": args.data_path or f"task {args.task}", "num_classes": len(class_names),
+              "class_names": class_names, "preprocess": json.loads(pre.to_json()), "trainable_line": line,
+              "trainable": trainable, "setup_s": setup_s, "train_s": time.perf_counter() - t0, "history": history,
+              "final_test_acc": history[-1]["test_acc"]}
+    if args.save_model:
+        from common.export import save_model
+        from common.taskedge.tuner import merge_and_unload
+
+        plain = merge_and_unload(model) if args.method == "taskedge" else model
+        save_model(plain.state_dict(), args.save_model, model_name=args.model, class_names=class_names,
+                   preprocess=pre, extra={"method": args.method, "data": result["data"], "epochs": args.epochs})
+        result["model_path"] = str(args.save_model)
+        print(f"saved the merged model to {args.save_model} (load it with common.export.load_model)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -165,7 +184,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed, >= 0 (default: %(default)s)")
     p.add_argument("--threads", type=_positive_int, default=min(2, os.cpu_count() or 1),
                    help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--img-size", type=int, default=0,
+                   help="input size; 0 = the model's own (timm's data config; embedded models: 32)")
     p.add_argument("--json", default="results/finetune.json", help="where to write the results (default: %(default)s)")
+    p.add_argument("--save-model", default="results/finetune_model.safetensors",
+                   help="where to save the merged model with its classes and preprocessing ('' = not saved; "
+                        "default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no per-batch progress bar")
     return p
 
@@ -182,10 +206,14 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             if msg.startswith(prefix):
                 p.error(f"argument --{opt.replace('_', '-')}: {msg[len(prefix):]}")
         p.error(msg)
-    if args.weights is not None and not Path(args.weights).expanduser().is_file():
-        p.error(f"argument --weights: no such file: {args.weights!r}")
-    if args.data_path is not None and not Path(args.data_path).expanduser().exists():
-        p.error(f"argument --data-path: no such file or folder: {args.data_path!r}")
+    from common import preflight
+
+    if args.img_size < 0:
+        p.error(f"argument --img-size: must be >= 0, got {args.img_size}")
+    for problem in (preflight.weights_file(args.weights, "--weights") if args.weights is not None else "",
+                    preflight.data_path(args.data_path, "--data-path") if args.data_path is not None else ""):
+        if problem:
+            p.error(f"argument {problem}")
 
 
 def validate_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -195,12 +223,13 @@ def validate_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 
     if args.task not in TASKS:
         p.error(f"argument --task: unknown task {args.task!r}; choose from {', '.join(sorted(TASKS))}")
-    if args.model not in EMBEDDED_MODELS and ":" not in args.model:  # "hf-hub:..." names go to timm as they are
-        import timm
+    from common import preflight
 
-        if not timm.is_model(args.model):
-            p.error(f"argument --model: {args.model!r} is neither an embedded model "
-                    f"({', '.join(EMBEDDED_MODELS)}) nor a timm model name")
+    problem = preflight.model_name(args.model, "--model")
+    if not problem and args.weights is not None and args.model not in EMBEDDED_MODELS:
+        problem = preflight.model_fits(args.model, args.weights, args.img_size, "--weights")
+    if problem:
+        p.error(f"argument {problem}")
 
 
 def main(argv=None) -> dict:
