@@ -187,9 +187,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=0,
                    help="input size; 0 = the model's own (timm's data config; embedded models: 32)")
     p.add_argument("--json", default="results/finetune.json", help="where to write the results (default: %(default)s)")
-    p.add_argument("--save-model", default="results/finetune_model.safetensors",
+    p.add_argument("--save-model", default=None,
                    help="where to save the merged model with its classes and preprocessing ('' = not saved; "
-                        "default: %(default)s)")
+                        "default: next to --json, <json stem>_model.safetensors)")
     p.add_argument("--quiet", action="store_true", help="no per-batch progress bar")
     return p
 
@@ -239,6 +239,8 @@ def main(argv=None) -> dict:
     validate_names(p, args)
     if args.budget >= 1:
         args.budget = int(args.budget)
+    if args.save_model is None:
+        args.save_model = str(Path(args.json).with_name(Path(args.json).stem + "_model.safetensors")) if args.json else ""
     if not args.lr:
         args.lr = tuned.method_lr()[TUNED_AS[args.method]]
     if not args.head_lr:
