@@ -80,6 +80,22 @@ class MemorySampler(threading.Thread):
         return {k: {kk: round(vv, 1) for kk, vv in v.items()} for k, v in self.peak.items()}
 
 
+def sampled_simulation(nodes: int, cpus: int, run_config: dict, interval: float = 0.5):
+    """Flower's simulation of the real apps with memory sampled meanwhile: (wall seconds, peak memory per
+    role, the sampler). The run's results are in `server.server_app.LAST`."""
+    from benchmarks.ray_simulation import run_ray_simulation
+
+    sampler = MemorySampler(interval)
+    sampler.start()
+    t0 = time.perf_counter()
+    try:
+        run_ray_simulation(nodes, num_cpus=cpus, run_config=run_config)
+    finally:
+        wall = time.perf_counter() - t0
+        memory = sampler.stop()
+    return wall, memory, sampler
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--nodes", type=int, default=100)
@@ -93,7 +109,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, default=Path("results/bench_fleet_sim.json"))
     args = ap.parse_args(argv)
 
-    from benchmarks.ray_simulation import run_ray_simulation
     from common.settings import DEFAULTS
     from server import server_app
 
@@ -102,14 +117,9 @@ def main(argv: list[str] | None = None) -> dict:
                  "partitioner": args.partitioner,
                  "min-nodes": args.nodes, "test-fraction": 0.0, "server-test-size": args.server_test_size,
                  "output-dir": out_dir}
-    sampler = MemorySampler(args.interval)
-    sampler.start()
-    t0 = time.perf_counter()
     try:
-        run_ray_simulation(args.nodes, num_cpus=args.actors, run_config=overrides)
+        wall, memory, sampler = sampled_simulation(args.nodes, args.actors, overrides, args.interval)
     finally:
-        wall = time.perf_counter() - t0
-        memory = sampler.stop()
         shutil.rmtree(out_dir, ignore_errors=True)
     summary = server_app.LAST.get("summary", {})
     hist = server_app.LAST.get("history", [])

@@ -19,7 +19,6 @@ import argparse
 import json
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,22 +52,14 @@ def save_weights(model: str, path: Path, model_kwargs: dict) -> Path:
 
 
 def run_one(model: str, method: str, weights: Path, data: Path, args, out: Path) -> dict:
-    from benchmarks.bench_fleet_sim import MemorySampler
-    from benchmarks.ray_simulation import run_ray_simulation
+    from benchmarks.bench_fleet_sim import sampled_simulation
     from server import server_app
 
     conf = {"model": model, "weights-path": str(weights), "data-path": str(data), "method": method,
             "num-server-rounds": args.rounds, "local-epochs": 1, "batch-size": args.batch_size,
             "calib-size": args.calib_size, "min-nodes": args.nodes, "partitioner": "iid",
             "output-dir": str(out), "round-timeout": 3600.0, "img-size": args.img_size}
-    sampler = MemorySampler(0.5)
-    sampler.start()
-    t0 = time.perf_counter()
-    try:
-        run_ray_simulation(args.nodes, num_cpus=args.cpus, run_config=conf)
-    finally:
-        wall = time.perf_counter() - t0
-        memory = sampler.stop()
+    wall, memory, _ = sampled_simulation(args.nodes, args.cpus, conf)
     summary, hist = server_app.LAST.get("summary", {}), server_app.LAST.get("history", [])
     trained = [r for r in hist if "sent" in r]
     return {"model": model, "method": method, "status": summary.get("status"), "wall_s": round(wall, 1),
