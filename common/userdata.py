@@ -136,8 +136,9 @@ def _inspect_hub(name: str) -> DataInfo:
     if names is None:
         raise DataError(f"data-path '{name}': the hub dataset has no ClassLabel column 'label'")
     _check_classes(Path(name), names)
-    return DataInfo(name, "hf-hub", tuple(names), {s: s if s in (builder.info.splits or {}) else ""
-                                                  for s in SPLIT_NAMES})
+    have = set(builder.info.splits or {})
+    return DataInfo(name, "hf-hub", tuple(names),
+                    {s: next((n for n in options if n in have), "") for s, options in SPLIT_NAMES.items()})
 
 
 def _hf_label_names_from_features(features) -> list[str] | None:
@@ -231,7 +232,7 @@ def _load_hf(info: DataInfo, source: str, preprocess, carve) -> Split:
     import torch
 
     if info.kind == "hf-hub":
-        ds = datasets.load_dataset(info.path, split=source if source in ("train", "test", "validation") else "train")
+        ds = datasets.load_dataset(info.path, split=source if source != info.path else "train")
     else:
         ds = datasets.load_from_disk(source)
         if isinstance(ds, datasets.DatasetDict):
