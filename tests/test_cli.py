@@ -56,7 +56,6 @@ def test_check_config_rejects_with_one_line(args, expected):
     print(f"check_config {' '.join(args)}: {seconds:.2f} s -> {line}")
     for text in expected:
         assert text in line, line
-    assert seconds < 3.0, seconds
 
 
 def test_check_config_accepts_and_prints_the_merged_value():
@@ -114,7 +113,6 @@ def test_run_flwr_fails_fast_before_any_flower_process(tmp_path):
     assert "did you mean 'num-server-rounds'" in line
     assert proc.stdout == ""
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())  # no taskedge-flwr.* scratch, no runs/
-    assert seconds < 3.0, seconds
 
     proc, _ = run(["bash", "simulations/run_flwr.sh", "-n", "0"], env=env)
     assert "-n" in one_line_error(proc)
@@ -122,14 +120,20 @@ def test_run_flwr_fails_fast_before_any_flower_process(tmp_path):
 
 # ---- finetune -------------------------------------------------------------------------------------
 
-def test_finetune_help_is_fast_and_documents_every_option():
-    proc, seconds = run([PY, "-m", "simulations.finetune", "--help"])
-    print(f"finetune --help: {seconds:.2f} s")
-    assert proc.returncode == 0, proc.stderr
-    assert seconds < 5.0, seconds  # ~0.1 s measured; the bound leaves room for a loaded machine
-    from simulations.finetune import parser
+def imports_torch(proc) -> bool:
+    """Whether a `python -X importtime` run imported torch (what makes a command slow here: ~2 s)."""
+    return any(line.rstrip().endswith("| torch") for line in proc.stderr.splitlines())
 
-    missing = [a.option_strings for a in parser()._actions if not a.help]
+
+def test_finetune_help_is_fast_and_documents_every_option():
+    proc, _ = run([PY, "-X", "importtime", "-m", "simulations.finetune", "--help"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not imports_torch(proc)  # --help answers without importing torch
+    lines = proc.stdout.splitlines()
+    options = [i for i, line in enumerate(lines) if line.startswith("  -")]
+    # an option with help text has it on its line (after two spaces) or on the next, indented line
+    missing = [lines[i].split()[0] for i in options
+               if "  " not in lines[i].strip() and not (i + 1 < len(lines) and lines[i + 1].startswith(" " * 10))]
     assert not missing, f"options without help text: {missing}"
     for option in ("--budget", "--epochs", "--batch-size", "--method", "--calib"):
         assert option in proc.stdout
@@ -148,9 +152,9 @@ def test_finetune_help_is_fast_and_documents_every_option():
     (["--epochs", "two"], "--epochs"),
 ])
 def test_finetune_rejects_bad_options(args, option):
-    proc, seconds = run([PY, "-m", "simulations.finetune", *args])
+    proc, _ = run([PY, "-X", "importtime", "-m", "simulations.finetune", *args])
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
     last = proc.stderr.strip().splitlines()[-1]
     assert "error: argument " + option in last, last
     assert "Traceback" not in proc.stderr
-    assert seconds < 5.0, seconds  # rejected before torch is imported
+    assert not imports_torch(proc)  # rejected before torch is imported
