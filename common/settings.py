@@ -25,7 +25,7 @@ METHOD_HEAD_LR = _tuned.method_head_lr()
 # kebab-case key -> default, and the keys the nodes read, both from the one schema (common/options.py)
 DEFAULTS: dict[str, Any] = {o.key: o.default for o in OPTIONS}
 CLIENT_KEYS = tuple(o.key for o in OPTIONS if o.side == "both")
-SELECTION_KEYS = ("budget", "score", "allocation", "nm")  # TaskEdgeConfig's fields: validated by it alone
+SELECTION_KEYS = ("budget", "score", "allocation", "nm", "per_neuron")  # TaskEdgeConfig's: validated by it alone
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class AppConfig:
     lr: float
     head_lr: float
     budget: float
+    budget_per_neuron: float
     score: str
     allocation: str
     nm: str
@@ -106,7 +107,7 @@ class AppConfig:
         """The TaskEdge selection part (a budget >= 1 is an entry count)."""
         budget = int(self.budget) if self.budget >= 1 else self.budget
         return TaskEdgeConfig(budget=budget, score=self.score, allocation=self.allocation, seed=self.seed,
-                              nm=parse_nm(self.nm))
+                              nm=parse_nm(self.nm), per_neuron=self.budget_per_neuron)
 
     @property
     def classes(self) -> list[str]:
@@ -226,11 +227,13 @@ def _check_selection(cfg: dict[str, Any], nm: tuple[int, int] | None) -> None:
     try:
         TaskEdgeConfig(budget=int(budget) if isinstance(budget, (int, float)) and budget >= 1
                        and float(budget).is_integer() else budget, score=cfg["score"],
-                       allocation=cfg["allocation"], nm=nm)
+                       allocation=cfg["allocation"], nm=nm, per_neuron=cfg["budget-per-neuron"])
     except ValueError as exc:
         msg = str(exc)
         key = msg.split()[0].rstrip(":")
         key = key if key in SELECTION_KEYS else "budget"
+        if key == "per_neuron":
+            msg, key = "budget-per-neuron" + msg[len(key):], "budget-per-neuron"
         raise ValueError(f"run config '{key}': {msg[len(key):].lstrip(': ') if msg.startswith(key) else msg}") from None
 
 

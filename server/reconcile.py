@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.taskedge.allocation import Mask, allocate, budget_entries
+from common.taskedge.allocation import Mask, allocate
 from common.taskedge.config import TaskEdgeConfig
 from common.taskedge.stats import arrays_to_norms, median_stats, sum_stats
-from common.taskedge.tuner import backbone_parameters, build_mask, find_head, score_modules
+from common.taskedge.tuner import build_mask, mask_size, score_modules
 
 
 def stats_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, np.ndarray]],
@@ -59,6 +59,4 @@ def vote_mask(model: nn.Module, tcfg: TaskEdgeConfig, stats: Sequence[dict[str, 
             count[np.asarray(v[f"{name}.idx"], dtype=np.int64)] += 1.0
         tie = (s.double() / top * 0.5 if top > 0 else torch.zeros_like(s, dtype=torch.float64)).reshape(-1)
         combined[name] = (torch.from_numpy(count) + tie).reshape(s.shape)
-    n = budget_entries(tcfg.budget, backbone_parameters(model, find_head(model, tcfg.head)),
-                       sum(s.numel() for s in combined.values()))
-    return allocate(combined, n, tcfg.allocation)
+    return allocate(combined, mask_size(model, tcfg, combined), tcfg.allocation)

@@ -30,7 +30,7 @@ DEFAULT_MODEL = "taskedge-vit-tiny"  # = common.models.DEFAULT_MODEL (tests chec
 DEFAULT_TASK = "shapes-downstream"  # = common.data.DEFAULT_TASK
 
 # option -> run-config key: these options follow the federation's rules (common.settings)
-FEDERATION_RULES = {"budget": "budget", "epochs": "local-epochs", "batch_size": "batch-size", "calib": "calib-size",
+FEDERATION_RULES = {"budget": "budget", "budget_per_neuron": "budget-per-neuron", "epochs": "local-epochs", "batch_size": "batch-size", "calib": "calib-size",
                     "lr": "lr", "head_lr": "head-lr", "seed": "seed"}
 # this CLI's method -> the registry's method whose tuned rates it uses (common/defaults.json, as the federation)
 TUNED_AS = {"taskedge": "taskedge", "linear": "head-only", "full": "fedavg-full"}
@@ -78,7 +78,7 @@ def prepare(model, args, calib):
     head = find_head(model)
     if args.method == "taskedge":
         cfg = TaskEdgeConfig(budget=args.budget, score=args.score, allocation=args.allocation,
-                             save_dtype=args.save_dtype, seed=args.seed)
+                             save_dtype=args.save_dtype, seed=args.seed, per_neuron=args.budget_per_neuron or 0.0)
         _, mask = get_taskedge_model(model, cfg, batches(*calib, batch_size=args.batch_size, shuffle=False))
         return mask
     if args.method == "linear":
@@ -163,6 +163,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", type=float, default=_SELECTION["budget"],
                    help="TaskEdge budget: fraction of backbone params in (0, 1), or an integer entry count >= 1 "
                         "(default: %(default)s)")
+    p.add_argument("--budget-per-neuron", type=float, default=None,
+                   help="entries per output neuron; > 0 replaces --budget (the same meaning on every model size: "
+                        "ViT-B/16 at 1 is the paper's 0.1 %%)")
     p.add_argument("--score", choices=SCORES, default=_SELECTION["score"],
                    help="importance score (default, from common/defaults.json: %(default)s)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=_SELECTION["allocation"],

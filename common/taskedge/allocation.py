@@ -99,12 +99,21 @@ class Mask:
         return cls(idx, rk, shp, norms or None)
 
 
-def budget_entries(budget: float, backbone_params: int, eligible_entries: int) -> int:
-    """Turn a budget (fraction of backbone parameters, or absolute count) into an entry count."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+def budget_entries(budget: float, backbone_params: int, eligible_entries: int, rows: int = 0,
+                   per_neuron: float = 0.0) -> int:
+    """Turn a budget (fraction of backbone parameters, or absolute count) into an entry count; `per_neuron` > 0
+    (entries per output neuron of the `rows` eligible neurons) replaces it: a budget that means the same on
+    every model size (the paper's 0.1 % of ViT-B/16 is ~1 per neuron; 2 % of the embedded ViT ~1.8)."""
+    if per_neuron > 0:
+        count = int(round(per_neuron * rows))
+        if count == 0:
+            raise ValueError(f"per_neuron={per_neuron} over {rows} output neurons rounds to 0 entries; raise it")
+        budget = f"{per_neuron:g} per neuron"
+    elif isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise ValueError(f"budget must be > 0 (fraction in (0, 1) or count >= 1), got {budget!r}")
-    count = int(round(budget * backbone_params)) if budget < 1 else int(budget)
-    if budget < 1 and count == 0:
+    else:
+        count = int(round(budget * backbone_params)) if budget < 1 else int(budget)
+    if per_neuron <= 0 and budget < 1 and count == 0:
         raise ValueError(f"budget={budget} of {backbone_params} backbone parameters rounds to 0 entries; raise it")
     if count > eligible_entries:
         raise ValueError(f"budget={budget!r} asks for {count} entries but the eligible modules hold only "

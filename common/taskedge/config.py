@@ -19,6 +19,8 @@ class TaskEdgeConfig:
 
     budget: fraction of the backbone's parameters (0 < budget < 1, default 0.1 %) or an
         absolute number of trainable entries (an integer >= 1).
+    per_neuron: entries per output neuron of the target modules; > 0 replaces `budget` with a budget
+        that means the same on every model size (the paper's 0.1 % of ViT-B/16 is ~1 per neuron).
     score: importance used for ranking; "taskedge" is the paper's |W| * ||X_j||; "taskedge-sqrt" is
         |W| * ||X_j||^(1/2), which damps the few high-activation input columns that the paper's
         score makes every row pick; "magnitude" (|W|), "activation" (||X_j||) and "random" are ablations;
@@ -53,6 +55,7 @@ class TaskEdgeConfig:
     conv_grad: str = "auto"
     seed: int = 0
     col_cap: float = 1.0
+    per_neuron: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
@@ -65,6 +68,8 @@ class TaskEdgeConfig:
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _choice("conv_grad", self.conv_grad, CONV_GRADS)
+        if isinstance(self.per_neuron, bool) or not isinstance(self.per_neuron, (int, float)) or self.per_neuron < 0:
+            raise ValueError(f"per_neuron must be a number >= 0 (0 = use budget), got {self.per_neuron!r}")
         if isinstance(self.col_cap, bool) or not isinstance(self.col_cap, (int, float)) or not self.col_cap >= 1:
             raise ValueError(f"col_cap must be a number >= 1, got {self.col_cap!r}")
         if self.nm is not None and self.score == "gradient":

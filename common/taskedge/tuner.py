@@ -119,6 +119,14 @@ def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, tor
     return scores
 
 
+def mask_size(model: nn.Module, config: TaskEdgeConfig, scores: dict[str, torch.Tensor]) -> int:
+    """Entries the budget buys over these (rows, width) score matrices: `budget` of the backbone's parameters,
+    or `per_neuron` entries per output neuron (row)."""
+    return budget_entries(config.budget, backbone_parameters(model, find_head(model, config.head)),
+                          sum(s.numel() for s in scores.values()), rows=sum(s.shape[0] for s in scores.values()),
+                          per_neuron=config.per_neuron)
+
+
 def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None,
                grads: dict[str, torch.Tensor] | None = None) -> Mask:
     """Scores -> neuron-level (or global) mask of exactly the budgeted number of entries."""
@@ -128,9 +136,7 @@ def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.
         pruned = set(nm_names(model, config))
         scores = {k: s.masked_fill(~nm_keep(s, n, m), float("-inf")) if k in pruned else s
                   for k, s in scores.items()}
-    count = budget_entries(config.budget, backbone_parameters(model, find_head(model, config.head)),
-                           sum(s.numel() for s in scores.values()))
-    mask = allocate(scores, count, config.allocation, col_cap=config.col_cap)
+    mask = allocate(scores, mask_size(model, config, scores), config.allocation, col_cap=config.col_cap)
     if config.nm is not None:
         for name in mask.names():
             if torch.isinf(scores[name].reshape(-1)[mask.indices[name]]).any():
