@@ -447,11 +447,11 @@ def _draw_glyphs(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray, s
     return _paint(img, _pool(dist <= 0.16, size), _fg_colours(spec, rng, n))
 
 
-_DIGIT_POOLS = {"train": (0, 1000), "calib": (0, 1000), "val": (1000, 1300), "test": (1300, 1797)}
+DIGIT_POOLS = {"train": (0, 1000), "calib": (0, 1000), "val": (1000, 1300), "test": (1300, 1797)}
 
 
 @lru_cache(maxsize=1)
-def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+def sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits (1,797 images of 8x8, no download), in a fixed shuffled order."""
     from sklearn.datasets import load_digits
 
@@ -463,8 +463,8 @@ def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
 def _draw_digits(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray, split: str) -> np.ndarray:
     """A source digit of the label from this split's pool, under a random affine map, in a random colour."""
     n, size = len(labels), spec.image_size
-    images, targets = _sklearn_digits()
-    lo, hi = _DIGIT_POOLS[split]
+    images, targets = sklearn_digits()
+    lo, hi = DIGIT_POOLS[split]
     pool_img, pool_lab = images[lo:hi], targets[lo:hi]
     pick = np.empty(n, dtype=np.int64)
     for k in np.unique(labels):
@@ -565,7 +565,7 @@ def _draw_count(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray, sp
     return _paint(img, _pool(mask, size), _fg_colours(spec, rng, n))
 
 
-def _draw_orientation(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray, split: str) -> np.ndarray:
+def draw_orientation(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray, split: str) -> np.ndarray:
     """A bar (ellipse of aspect 0.25) at angle 22.5 * label +- 6 degrees."""
     n, size = len(labels), spec.image_size
     img = _clutter(spec, rng, _backgrounds(spec, rng, n))
@@ -591,7 +591,7 @@ def _draw_mixture(spec: TaskSpec, rng: np.random.Generator, labels: np.ndarray, 
 
 
 _DRAW = {"shapes": _draw_shapes, "glyphs": _draw_glyphs, "digits": _draw_digits, "textures": _draw_textures,
-         "count": _draw_count, "orientation": _draw_orientation, "mixture": _draw_mixture}
+         "count": _draw_count, "orientation": draw_orientation, "mixture": _draw_mixture}
 
 
 def _finish(spec: TaskSpec, rng: np.random.Generator, img: np.ndarray) -> np.ndarray:

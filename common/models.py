@@ -355,7 +355,7 @@ def _pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, progress: bool
     model.to("cpu")
 
 
-def _weights_path(model: str, spec: TaskSpec) -> Path:
+def pretrained_weights_path(model: str, spec: TaskSpec) -> Path:
     recipe = hashlib.sha1(json.dumps(_RECIPE, sort_keys=True).encode()).hexdigest()[:8]
     tag = f"v{PRETRAIN_VERSION}-{fingerprint(spec)}-{recipe}"
     return cache_dir() / "weights" / f"{model}-{spec.name}-{tag}.safetensors"
@@ -471,7 +471,7 @@ def pretrain(model: str = DEFAULT_MODEL, task: str = UPSTREAM_TASK, out: str | o
     from safetensors.torch import save_file
 
     spec = get_task(task)
-    path = Path(out) if out is not None else _weights_path(model, spec)
+    path = Path(out) if out is not None else pretrained_weights_path(model, spec)
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     x, y = make_split(spec, "train")
@@ -514,7 +514,7 @@ def embedded_backbone(task: str = UPSTREAM_TASK, *, model: str = DEFAULT_MODEL, 
         if not (pretrain_allowed() if allow_pretrain is None else allow_pretrain):
             raise missing_weights_error(model)
     spec = get_task(task)
-    path = _weights_path(model, spec)
+    path = pretrained_weights_path(model, spec)
     if path.exists():
         return str(path)
     with _file_lock(path.with_suffix(".lock")):

@@ -34,7 +34,7 @@ import pytest
 from client.client_app import app as client_app
 from common.settings import parse_run_config
 from server.inprocess import InProcessGrid
-from server.messages import wait_for_nodes
+from server.messages import stamp, wait_for_nodes
 from server.runner import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ class LossyGrid(InProcessGrid):
         if msg.metadata.message_type == "train" and self.plan.get(nid) == rnd:
             self.gone.add(nid)
         if nid in self.gone:
-            msg.metadata.__dict__["_message_id"] = msg.object_id
+            stamp(msg)
             return Message(Error(code=3, reason="node unavailable"), reply_to=msg)
         return super()._deliver(msg)
 
@@ -432,7 +432,7 @@ def _backbone_ready() -> bool:
     import common.data as data
 
     task = getattr(data, "UPSTREAM_TASK", "shapes-upstream")
-    return models._weights_path(models.DEFAULT_MODEL, get_task(task)).exists()
+    return models.pretrained_weights_path(models.DEFAULT_MODEL, get_task(task)).exists()
 
 
 @pytest.fixture(scope="module")

@@ -188,10 +188,10 @@ def test_bfloat16_saved_columns_close():
     dict(in_channels=4, out_channels=6, kernel_size=3),  # no padding: every position valid
 ])
 def test_conv_gather_index_kept_in_parts(monkeypatch, kw):
-    """Above _INDEX_CACHE_MAX the layer keeps the gather index as row + column parts (and the
+    """Above INDEX_CACHE_MAX the layer keeps the gather index as row + column parts (and the
     validity as row x column factors): same gradients, O(E (ho + wo)) memory instead of O(E ho wo)."""
     from common.taskedge import sparse_ops
-    monkeypatch.setattr(sparse_ops, "_INDEX_CACHE_MAX", 0)
+    monkeypatch.setattr(sparse_ops, "INDEX_CACHE_MAX", 0)
     gen = torch.Generator().manual_seed(0)
     base = nn.Conv2d(**kw)
     width = base.weight[0].numel()
@@ -204,7 +204,7 @@ def test_conv_gather_index_kept_in_parts(monkeypatch, kw):
 @pytest.mark.parametrize("how", ["gather", "index_select"])
 def test_both_column_gathers_give_the_same_gradients(monkeypatch, how):
     from common.taskedge import sparse_ops
-    monkeypatch.setattr(sparse_ops, "_GATHER", how)
+    monkeypatch.setattr(sparse_ops, "GATHER", how)
     gen = torch.Generator().manual_seed(0)
     lin = nn.Linear(12, 7)
     _check(lin, SparseDeltaLinear(lin, _uneven_mask(7, 12, [1, 2, 1, 3, 1, 1, 4], gen)), torch.randn(3, 5, 12, generator=gen))

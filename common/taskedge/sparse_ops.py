@@ -33,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 _CHUNK = 1 << 20  # elements per temporary (tokens x entries) product; 4 MiB in float32 (1 MiB was slower)
-_GATHER = "gather"  # how _cols gathers columns: "gather" (parallel over threads) or "index_select" (serial)
+GATHER = "gather"  # how _cols gathers columns: "gather" (parallel over threads) or "index_select" (serial)
 
 
 def _cols(a: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """a.index_select(1, idx) (a new contiguous tensor). torch.gather with a broadcast (stride-0)
     index runs on all intra-op threads; index_select along dim 1 is a serial loop on CPU."""
-    if _GATHER == "gather" and a.shape[0] > 1:
+    if GATHER == "gather" and a.shape[0] > 1:
         shape = (1, idx.numel()) + (1,) * (a.dim() - 2)
         return torch.gather(a, 1, idx.view(shape).expand(a.shape[0], idx.numel(), *a.shape[2:]))
     return a.index_select(1, idx)
@@ -394,7 +394,7 @@ class SparseDeltaConv2dFn(torch.autograd.Function):
         return dx, dv, None, None, None, None, None, None, None, None, None
 
 
-_INDEX_CACHE_MAX = 1 << 12  # (entries x output positions) up to which the flat gather index is cached whole
+INDEX_CACHE_MAX = 1 << 12  # (entries x output positions) up to which the flat gather index is cached whole
 
 
 def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo, cache, order=None):
@@ -402,7 +402,7 @@ def _conv_gather_index(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo
     and the validity of each (None when no position falls into the zero padding; a bool (E, P)
     mask, or a pair of float (E, ho, 1) / (E, 1, wo) factors to multiply by), for the entries in
     mask order or, given ``order``, in that order. Cached per input shape (and order or not):
-    whole up to _INDEX_CACHE_MAX elements; above, as its row and column parts (index = row part
+    whole up to INDEX_CACHE_MAX elements; above, as its row and column parts (index = row part
     + column part, validity = row factor * column factor), O(E (ho + wo)) instead of O(E ho wo)
     kept on the layer, the (E, P) index rebuilt by one broadcast add per call."""
     key = (tuple(xshape[1:]), ho, wo, ch.device) + (() if order is None else ("ordered",))
@@ -434,7 +434,7 @@ def _conv_index_parts(xshape, wshape, pad, stride, dilation, ch, ent_uv, ho, wo,
     rows = (ch.reshape(-1, 1) * (h * w) + hi.clamp(0, h - 1) * w).unsqueeze(2)  # (E, ho, 1)
     cols = wi.clamp(0, w - 1).unsqueeze(1)  # (E, 1, wo)
     all_valid = bool(vh.all()) and bool(vw.all())
-    if e * ho * wo <= _INDEX_CACHE_MAX:
+    if e * ho * wo <= INDEX_CACHE_MAX:
         valid = (vh.unsqueeze(2) & vw.unsqueeze(1)).reshape(e, ho * wo)
         return (rows + cols).reshape(-1), None if all_valid else valid
     if all_valid:
