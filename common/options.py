@@ -99,7 +99,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("clip-norm", 0.0, "per-node update-norm bound; 0 = clip-factor x the round's median norm (with dp: "
            "dp-clip-norm only)"),
     Option("clip-factor", 3.0, "adaptive clipping factor; 0 (with clip-norm 0) = no clipping; unused with dp"),
-    Option("max-examples", 0, "largest credible num-examples per reply; 0 = the task's training split size"),
+    Option("max-examples", 0, "largest credible num-examples per reply; 0 = the task's training split size (with "
+           "your own data 10^7: set it to bound one node's weight)"),
     Option("stats-aggregation", "sum", "sum (exact pooled statistics) | median (robust to one node)",
            STATS_AGGREGATIONS),
     Option("round-timeout", 600.0, "seconds a phase waits for replies, and for max(1, min-replies) connected nodes "

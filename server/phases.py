@@ -49,11 +49,18 @@ def send_query(grid: Grid, cfg: AppConfig, log: RoundLog, content: RecordDict, n
     return replies
 
 
+USER_DATA_MAX_EXAMPLES = 10_000_000  # the server cannot know the size of a user's data: a bound that only stops absurd claims
+
+
 def max_examples(cfg: AppConfig) -> int:
-    """The largest credible num-examples of one reply: `max-examples`, else the task's training split."""
+    """The largest credible num-examples of one reply: `max-examples`, else the built-in task's training split,
+    or USER_DATA_MAX_EXAMPLES when the nodes hold their own data (a data-path, or classes other than the task's:
+    set max-examples to bound one node's weight in FedAvg)."""
     from common.data import get_task
 
-    return cfg.max_examples or get_task(cfg.task).train_size
+    if cfg.max_examples:
+        return cfg.max_examples
+    return USER_DATA_MAX_EXAMPLES if cfg.data_path or cfg.class_names else get_task(cfg.task).train_size
 
 
 def stats_input_size(cfg: AppConfig) -> int:

@@ -110,3 +110,16 @@ def test_batchnorm_model_trains_on_a_last_batch_of_one(tmp_path):
     model = timm.create_model("resnet10t", num_classes=3)
     x, y = torch.randn(33, 3, 16, 16), torch.arange(33) % 3
     train_epochs(model, x, y, epochs=1, batch_size=32, lr=1e-3)  # raised ValueError in BatchNorm before
+
+
+def test_nodes_with_more_examples_than_the_built_in_task_are_not_refused(weights, tmp_path):
+    """The reply bound was the built-in task's 1,000 training examples; a node with its own larger folder sent
+    a num-examples above it and was dropped every round."""
+    from server.phases import max_examples
+
+    big = image_folder(tmp_path / "big", ["ant", "bee"], per_class=1000, size=(8, 8))  # 1,050 local training
+    cfg = _cfg(weights, tmp_path, calib_size=4, batch_size=256, fraction_evaluate=0.0, server_test_size=0)
+    grid = InProcessGrid(client_app, 1, cfg.to_dict(), node_configs={0: {"data-path": str(big)}})
+    fed, summary = run_federation(grid, cfg)
+    assert not fed.dropped and summary["status"] == "complete"
+    assert max_examples(fed.cfg) == 10_000_000 and max_examples(cfg) == 1000
