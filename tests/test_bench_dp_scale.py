@@ -9,7 +9,7 @@ import pytest
 def test_training_split_is_larger_inside_and_restored_after():
     import common.data as data
     import common.partition as P
-    from benchmarks.bench_dp_scale import partition_sizes, training_split
+    from benchmarks.bench_dp_scale import partition_sizes, prepare_partitions, training_split
 
     before = P._partition_tensors
     with training_split(6 * 32):
@@ -20,8 +20,10 @@ def test_training_split_is_larger_inside_and_restored_after():
         # the larger split starts with the built-in split (one seeded stream): the same examples, more of them
         x0, y0 = data.make_split("shapes-downstream", "train", n=100)
         assert bool((x[:100] == x0).all()) and bool((y[:100] == y0).all())
+        assert prepare_partitions("shapes-downstream", 6, 0.5, 0) == sizes
+        hits = P._partition_tensors.cache_info().hits
         local = P.load_local_data("shapes-downstream", 5, 6, test_fraction=0.0, calib_size=16)
-        assert len(local.x_train) == sizes[5]
+        assert len(local.x_train) == sizes[5] and P._partition_tensors.cache_info().hits == hits + 1  # prepared
     assert P.make_split is data.make_split and P._partition_tensors is before
     assert P._partitioned.cache_info().currsize == 0  # nothing of the larger split stays cached
 
