@@ -513,6 +513,36 @@ def test_deployment_tls_node_auth_run(deployment, base_config, tmp_path):
 
 
 @pytest.mark.slow
+def test_secure_aggregation_through_the_deployment_equals_the_plain_run(deployment, base_config, tmp_path):
+    """SecAgg+ on the real deployment (TLS, node auth, 3 SuperNodes behind the gateway): the same round as the
+    plain run on the same mask, within the quantization bound the round records; the server held only sums."""
+    import numpy as np
+    import torch
+
+    from server.checkpoint import load_checkpoint
+
+    dep = deployment
+    common = (base_config.replace("num-server-rounds=2", "num-server-rounds=1")  # a key may appear only once
+              + " uniform-weights=true clip-norm=50.0 fraction-evaluate=0.0")
+    plain_dir, _, _ = _plain_run(dep, common, tmp_path / "plain")
+    secure_dir, _, took = _plain_run(dep, f"{common} secure-aggregation=true", tmp_path / "secure")
+    _REFERENCE.pop("run_dir", None)  # the resume test's reference is the 2-round base config
+    doc = _results(secure_dir)
+    rec = [r for r in doc["rounds"] if "sent" in r][-1]
+    assert doc["status"] == "complete" and doc["summary"]["secure_aggregation"] is True
+    assert rec["secagg_active"] == 3 and rec.get("secagg_clipped") == 0 and not rec.get("skipped"), rec
+    plain, secure = load_checkpoint(plain_dir), load_checkpoint(secure_dir)
+    if any(not torch.equal(plain.mask.indices[n], secure.mask.indices[n]) for n in plain.mask.names()):
+        pytest.skip("a near-tie in the securely summed statistics changed the mask (stochastic rounding)")
+    bound = rec["secagg_quant_bound"]
+    for key, value in plain.arrays.items():
+        err = float(np.abs(np.asarray(secure.arrays[key], np.float64) - value).max())
+        assert err <= bound + 1e-6, (key, err, bound)
+    assert rec["bytes_up"] == rec["secagg_bytes_up"]  # what the protocol moved, not a node's vector
+    print(f"\n[deploy] secure run: {took:.0f} s, quantization bound {bound:.2g}")
+
+
+@pytest.mark.slow
 def test_unregistered_supernode_is_refused(deployment):
     """--enable-supernode-auth: a SuperNode whose key was never registered exits (flwr 1.42: code 305)."""
     dep = deployment
