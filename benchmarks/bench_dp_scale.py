@@ -186,7 +186,8 @@ def run(n: int, spec: dict, seed: int, args, out: Path) -> dict:
             "epsilon": None if eps is None or math.isinf(eps) else float(eps), "delta": args.delta,
             "noise_multiplier": spec["noise_multiplier"], "clip": args.clip,
             "noise_sd_on_mean": trained[-1].get("dp_noise_std") if trained else None,
-            "sampled_per_round": [r.get("sent") for r in trained], "replies_per_round": [r.get("replies") for r in trained],
+            "sampled_per_round": [r.get("sent") for r in trained],
+            "replies_per_round": [r.get("replies") for r in trained],
             "rounds_done": len(trained), "round_time_s": sum(r.get("round_time_s") or 0 for r in trained) /
             max(len(trained), 1), "wall_s": wall, "peak_rss_mb": mem.mb,
             "acc_by_round": [r.get("central_acc") for r in fed.history]}
@@ -213,7 +214,8 @@ def calibrate(n: int, args, out: Path, epsilons: list[dict]) -> dict:
         ds = deltas[rnd]
         norms = np.array([np.linalg.norm(d) for d in ds])
         clipped = np.mean([d * min(1.0, args.clip / max(np.linalg.norm(d), 1e-12)) for d in ds], axis=0)
-        rounds.append({"round": rnd, "median_norm": float(np.median(norms)), "p10_norm": float(np.percentile(norms, 10)),
+        rounds.append({"round": rnd, "median_norm": float(np.median(norms)),
+                       "p10_norm": float(np.percentile(norms, 10)),
                        "p90_norm": float(np.percentile(norms, 90)), "share_clipped": float(np.mean(norms > args.clip)),
                        "alignment": float(np.linalg.norm(clipped) / args.clip)})
     d = int(len(next(iter(deltas.values()))[0])) if deltas else 0
@@ -247,7 +249,8 @@ def summarise(rows: list[dict]) -> list[dict]:
                     "peak_rss_mb": float(max(r["peak_rss_mb"] for r in rs)),
                     "initial_acc": float(np.mean([r["initial_acc"] for r in rs]))})
     for a in agg:  # gap to the non-private run at the same n, seed by seed (paired: same partitions, same mask draw)
-        base = {r["seed"]: r["final_acc"] for r in rows if r["clients"] == a["clients"] and r["config"] == "non-private"}
+        base = {r["seed"]: r["final_acc"] for r in rows
+                if r["clients"] == a["clients"] and r["config"] == "non-private"}
         mine = {r["seed"]: r["final_acc"] for r in rows if r["clients"] == a["clients"] and r["config"] == a["config"]}
         gaps = [100 * (base[s] - mine[s]) for s in mine if s in base]
         a["gap_pts_mean"] = float(np.mean(gaps)) if gaps else None
@@ -315,6 +318,7 @@ def figure(agg: list[dict], path: Path, args) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = ["non-private"] + [f"eps={e:g}" for e in sorted(args.epsilons, reverse=True)]
+    colour = {name: f"C{i}" for i, name in enumerate(names)}  # one colour per configuration in both panels
     for name in names:
         pts = sorted((a for a in agg if a["config"] == name), key=lambda a: a["clients"])
         if not pts:
@@ -322,10 +326,10 @@ def figure(agg: list[dict], path: Path, args) -> None:
         xs = [a["clients"] for a in pts]
         ax1.errorbar(xs, [a["acc_mean"] for a in pts], yerr=[a["acc_sd"] for a in pts], marker="o", capsize=3,
                      label=name if name == "non-private" else f"DP {name} (delta {args.delta:g})",
-                     ls="--" if name == "non-private" else "-")
+                     ls="--" if name == "non-private" else "-", color=colour[name])
         if name != "non-private":
             ax2.errorbar(xs, [a["gap_pts_mean"] for a in pts], yerr=[a["gap_pts_sd"] for a in pts], marker="o",
-                         capsize=3, label=f"DP {name}")
+                         capsize=3, label=f"DP {name}", color=colour[name])
     if agg:
         ax1.axhline(agg[0]["initial_acc"], color="grey", ls=":", label="before training")
     ax2.axhline(TARGET_GAP, color="tab:red", ls=":", label=f"target: {TARGET_GAP:g} points")
@@ -411,7 +415,8 @@ def main(argv=None) -> dict:
     (args.out / f"{stem}.md").write_text(text + "\n")
     doc = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "target_gap_pts": TARGET_GAP, "clients_needed": needed(agg), "wall_total_s": wall_total,
-           "process_peak_rss_mb": process_peak_mb(), "cpu_count": os.cpu_count(), "partitions": partitions, "calibration": calib,
+           "process_peak_rss_mb": process_peak_mb(), "cpu_count": os.cpu_count(), "partitions": partitions,
+           "calibration": calib,
            "summary": agg, "runs": rows}
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=lambda x: None if x != x else str(x)))
     print(text)
