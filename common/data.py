@@ -49,6 +49,8 @@ __all__ = [
     "to_hf_dataset",
     "from_hf_dataset",
     "load_image_folder",
+    "load_hf_dataset",
+    "task_preprocess",
 ]
 
 DATA_VERSION = 2
@@ -697,86 +699,48 @@ def from_hf_dataset(ds, image_column: str = "image", label_column: str = "label"
     return x, y
 
 
-_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+def task_preprocess(task: str | TaskSpec = DEFAULT_TASK):
+    """A task's preprocessing as a `common.preprocess.Preprocess`: its size and mean/std, squashed (bilinear)."""
+    from common.preprocess import Preprocess
+
+    spec = _as_spec(task)
+    return Preprocess(spec.image_size, tuple(spec.mean), tuple(spec.std), "bilinear", 1.0, "squash")
 
 
-def _pil_to_u8(img, size: int) -> np.ndarray:
-    from PIL import Image
+def _own_data(path: Path, task: str | TaskSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`split` of a dataset that has its own splits (HF names too: "validation"), else all of it
+    (common.userdata.load_data: RGB conversion, corrupt images skipped, one-line DataError for a bad layout)."""
+    from common.userdata import SPLIT_NAMES, inspect_data, load_data
 
-    img = img.convert("RGB").resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8).transpose(2, 0, 1)
-
-
-def _is_hf_saved(path: Path) -> bool:
-    return any((path / f).exists() for f in ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def _load_hf_saved(path: Path, spec: TaskSpec, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    import datasets
-
-    ds = datasets.load_from_disk(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise ValueError(f"{path}: no split {split!r}; available: {list(ds)}")
-        ds = ds[split]
-    return _hf_tensors(ds, spec, str(path))
+    key = next((s for s, names in SPLIT_NAMES.items() if split in names), split)
+    own_splits = len(inspect_data(path).carved) < 3
+    x, y, _ = load_data(path, key if own_splits and key in SPLIT_NAMES else "all", task_preprocess(task))
+    return x, y
 
 
 def load_hf_dataset(name: str, task: str | TaskSpec = DEFAULT_TASK, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """A Hugging Face image dataset by hub name (needs the network) or a `save_to_disk` folder (offline),
     resized and normalised like `task`."""
-    spec = _as_spec(task)
     if Path(name).expanduser().is_dir():
-        return _load_hf_saved(Path(name).expanduser(), spec, split)
+        return _own_data(Path(name).expanduser(), task, split)
     import datasets
 
-    return _hf_tensors(datasets.load_dataset(name, split=split), spec, name)
+    from common.userdata import dataset_tensors
 
-
-def _hf_tensors(ds, spec: TaskSpec, path: str) -> tuple[torch.Tensor, torch.Tensor]:
-    import datasets
-
-    image_col = next((c for c in ("image", "img", "pixel_values") if c in ds.column_names), None)
-    label_col = next((c for c in ("label", "labels", "fine_label") if c in ds.column_names), None)
-    if image_col is None or label_col is None:
-        raise ValueError(f"{path}: need an image and a label column, found {ds.column_names}")
-    if isinstance(ds.features[image_col], datasets.Image):
-        u8 = np.stack([_pil_to_u8(im, spec.image_size) for im in ds[image_col]])
-        x = normalize(u8, spec)
-    else:
-        x, _ = from_hf_dataset(ds, image_col, label_col)
-        if x.shape[-1] != spec.image_size or x.shape[-2] != spec.image_size:
-            x = torch.nn.functional.interpolate(x, size=(spec.image_size,) * 2, mode="bilinear", align_corners=False)
-    return x, torch.as_tensor(np.asarray(ds[label_col]), dtype=torch.int64)
-
-
-def _load_class_folders(path: Path, spec: TaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    from PIL import Image
-
-    classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
-    images, labels = [], []
-    for k, cls in enumerate(classes):
-        for f in sorted((path / cls).rglob("*")):
-            if f.suffix.lower() in _IMAGE_EXTENSIONS:
-                with Image.open(f) as im:
-                    images.append(_pil_to_u8(im, spec.image_size))
-                labels.append(k)
-    if not images:
-        raise ValueError(f"{path}: expected an ImageFolder layout (one sub-folder of images per class)")
-    return normalize(np.stack(images), spec), torch.tensor(labels, dtype=torch.int64)
+    x, y, _ = dataset_tensors(datasets.load_dataset(name, split=split), task_preprocess(task), where=name)
+    return x, y
 
 
 def load_image_folder(
     path: str | os.PathLike, task: str | TaskSpec = DEFAULT_TASK, split: str = "train"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bring-your-own data: an ImageFolder tree or a HF ``save_to_disk`` folder.
+    """Bring-your-own data: an ImageFolder tree or a HF ``save_to_disk`` folder, as `task`'s images.
 
-    Images are resized to the task's image size and normalised like the task,
-    so they can replace the generated data without touching the model.
+    Images are resized to the task's image size and normalised like the task, so they can replace the
+    generated data without touching the model. A thin wrapper of `common.userdata.load_data` (which
+    takes a model's own preprocessing instead): `split` of data with its own splits, else all of it.
     """
-    spec, path = _as_spec(task), Path(path).expanduser()
+    path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {path}")
-    if _is_hf_saved(path):
-        return _load_hf_saved(path, spec, split)
-    return _load_class_folders(path, spec)
+    return _own_data(path, task, split)

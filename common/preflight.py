@@ -16,8 +16,10 @@ from pathlib import Path
 def weights_file(path: str | os.PathLike, key: str = "weights-path") -> str:
     """The file exists and is a safetensors file or a torch state dict (zip or legacy pickle format)."""
     p = Path(path).expanduser()
+    if p.is_dir():
+        return f"{key} '{path}' is a folder (expected a .safetensors file or a .pth state dict)"
     if not p.is_file():
-        return f"{key} '{path}': no such file (expected a .safetensors or .pth state dict)"
+        return f"{key} '{path}': no such file (expected a .safetensors file or a .pth state dict)"
     with open(p, "rb") as fh:
         head = fh.read(16)
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: zip archive, or the legacy pickle
@@ -38,11 +40,13 @@ def weights_file(path: str | os.PathLike, key: str = "weights-path") -> str:
 
 
 def data_path(path: str, key: str = "data-path") -> str:
-    """The data's layout and classes (common.userdata.inspect_data, no torch)."""
+    """The data's layout and classes (common.userdata.inspect_data, no torch). A name that is no local path
+    but looks like a hub dataset ("owner/name") is not looked up here (the network may be slow or absent;
+    loading it names the problem), unless HF_HUB_OFFLINE is set (then it is an error)."""
     from common.userdata import DataError, inspect_data
 
     try:
-        inspect_data(path)
+        inspect_data(path, hub=False)
     except DataError as exc:
         return str(exc).replace("data-path", key, 1)
     return ""
@@ -63,7 +67,7 @@ def model_name(name: str, key: str = "model") -> str:
             + (f" (close: {', '.join(close)})" if close else ""))
 
 
-def model_fits(name: str, weights: str, img_size: int = 0, key: str = "weights-path") -> str:
+def model_fits(name: str, weights: str, img_size: int = 0, key: str = "weights-path", model_key: str = "model") -> str:
     """The weights file's keys and shapes against the model built on the meta device (no memory, no init):
     counts and the first few mismatches, never the whole key list. The classifier head may differ."""
     import torch
@@ -75,8 +79,12 @@ def model_fits(name: str, weights: str, img_size: int = 0, key: str = "weights-p
     from common.taskedge.tuner import find_head
 
     kw = {"img_size": img_size} if img_size and takes_img_size(name) else {}
-    with torch.device("meta"):
-        model = timm.create_model(resolve_name(name), num_classes=2, **kw)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(resolve_name(name), num_classes=2, **kw)
+    except Exception as exc:  # noqa: BLE001 - e.g. an image size the architecture cannot take: one line
+        return f"{model_key} '{name}': cannot be built{' at img-size ' + str(img_size) if kw else ''} " \
+               f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
     try:
         sd = read_state_dict(Path(weights).expanduser())
     except (ValueError, OSError) as exc:

@@ -66,20 +66,26 @@ def train_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: 
     """Cross-entropy training; returns the mean loss and accuracy of the last epoch (`label`: the progress
     bar's text, for callers that run one epoch at a time).
 
-    A model with BatchNorm skips a training batch of one example (the shuffled epoch's last batch when
-    len(x) % batch_size == 1): BatchNorm cannot take batch statistics of one value per channel, and one
-    example's step is noise anyway. Evaluation is unaffected."""
+    A model with BatchNorm drops a training batch of one example (the shuffled epoch's last batch when
+    len(x) % batch_size == 1): BatchNorm cannot take batch statistics of one value per channel (it raises
+    once the spatial size is 1 x 1), and one example's step is noise anyway; the loss and accuracy count
+    the examples trained on. `batch_size=1` with BatchNorm is refused (ValueError). Evaluation is
+    unaffected (eval mode uses the running statistics)."""
     if len(x) == 0:
         return {"loss": 0.0, "acc": 0.0, "examples": 0}
+    skip_single = any(isinstance(m, BATCH_NORMS) for m in model.modules())
+    if skip_single and batch_size == 1 and len(x) > 1:
+        raise ValueError("batch size 1 with a BatchNorm model: BatchNorm needs at least 2 examples per training "
+                         "batch; use a batch size >= 2")
     opt = optimizer or make_optimizer(model, lr, weight_decay, head_lr)
     model.train()
-    skip_single = any(isinstance(m, BATCH_NORMS) for m in model.modules())
+    steps = len(x) // batch_size + int(len(x) % batch_size > int(skip_single))
     loss_sum = correct = seen = 0.0
     for epoch in range(epochs):
         loss_sum = correct = seen = 0.0
         it = batches(x, y, batch_size, shuffle=True, seed=seed * 1000 + epoch)
         if progress:
-            it = tqdm(it, total=(len(x) + batch_size - 1) // batch_size, desc=label or f"epoch {epoch + 1}/{epochs}",
+            it = tqdm(it, total=steps, desc=label or f"epoch {epoch + 1}/{epochs}",
                       leave=False)
         for xb, yb in it:
             if skip_single and len(xb) == 1:

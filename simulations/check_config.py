@@ -147,17 +147,19 @@ def check(run_config: list[str] | None = None, *, nodes: int | None = None, fede
 
 
 def _check_files(cfg: dict[str, Any]) -> None:
-    """The user's weights file and data folders (no torch), then, only when a timm model or a weights file is
-    named, the model name and the file's keys and shapes against the model (torch + timm, a few seconds)."""
+    """The user's weights file and data folders (common/preflight.py, no torch: well under a second), then, only
+    when a timm model or a weights file is named, the model name and the file's keys and shapes against the
+    model built on the meta device (torch + timm, a few seconds). One line naming the key on a problem."""
     from common import preflight
 
-    problems = [preflight.weights_file(cfg["weights-path"]) if cfg["weights-path"] not in ("", "hub") else "",
-                preflight.data_path(cfg["data-path"]) if cfg["data-path"] else "",
-                preflight.data_path(cfg["server-data-path"], "server-data-path") if cfg["server-data-path"] else ""]
-    if not any(problems) and cfg["model"] != DEFAULTS["model"]:
-        problems.append(preflight.model_name(cfg["model"]))
-        if not problems[-1] and cfg["weights-path"] not in ("", "hub"):
-            problems.append(preflight.model_fits(cfg["model"], cfg["weights-path"], cfg["img-size"]))
+    weights, model = cfg.get("weights-path", ""), cfg.get("model", DEFAULTS.get("model", ""))
+    local_weights = weights not in ("", "hub")
+    problems = [preflight.weights_file(weights) if local_weights else "",
+                *(preflight.data_path(cfg[key], key) for key in ("data-path", "server-data-path") if cfg.get(key))]
+    if not any(problems) and (model != DEFAULTS.get("model") or local_weights):
+        problems.append(preflight.model_name(model))
+        if not problems[-1] and local_weights:
+            problems.append(preflight.model_fits(model, weights, cfg.get("img-size", 0) or 0))
     problem = next((p for p in problems if p), "")
     if problem:
         key, _, rest = problem.partition(" ")

@@ -4,14 +4,19 @@
     python -m simulations.finetune --method linear      # head only (linear probe)
     python -m simulations.finetune --model vit_small_patch16_224 --weights vit_s.safetensors --data-path ./my_folder
 
-Prints the trainable parameters, per-epoch held-out accuracy, writes a results JSON and saves the merged
-model with its class names and preprocessing (`common.export.load_model` loads it back).
+Prints the trainable parameters, per-epoch validation and test accuracy, writes a results JSON (data path,
+classes, split sizes, preprocessing, history) and saves the merged model with its class names and
+preprocessing (`common.export.load_model` loads it back). Your data (`--data-path`: an ImageFolder or a
+saved Hugging Face dataset) gets the model's own preprocessing (timm's data config; `--img-size` overrides)
+and keeps the splits it has; a missing validation / test split is carved deterministically. A mistake in
+the model name, the weights file or the data is one line on stderr, exit code 2, before any training.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,26 +52,47 @@ def build_model(args, num_classes: int) -> torch.nn.Module:
     return create_model(args.model, num_classes=num_classes, pretrained=args.pretrained, weights=args.weights, **kw)
 
 
-def load_data(args):
-    """(train, calib, test, class names, preprocessing): a user's data with the model's preprocessing and the
-    splits it has (common/userdata.py), or the built-in task."""
-    from common.data import get_task, make_split
+def class_names_of(args) -> list[str]:
+    """The classes: a user's data's own (folder names / ClassLabel names), or the built-in task's."""
+    if args.data_path:
+        from common.userdata import inspect_data
+
+        return list(inspect_data(args.data_path).class_names)
+    from common.data import get_task
+
+    return list(get_task(args.task).class_names)
+
+
+def load_data(args, model=None) -> dict:
+    """The splits as tensors, with the model's preprocessing (common/preprocess.py; --img-size overrides):
+    a user's data with the splits it has, the missing ones carved (common/userdata.py), or the built-in task.
+    Returns {"train", "val" (None for the built-in task), "test", "calib": (x, y), "class_names",
+    "preprocess", "skipped": images that could not be decoded, "bad": the first of them}."""
+    import torch
+
     from common.preprocess import resolve_preprocess
 
-    pre = resolve_preprocess(args.model, args.img_size or None)
+    pre = resolve_preprocess(args.model, args.img_size or None, model=model)
     if args.data_path:
         from common.userdata import load_data as load_split
 
-        tr, te = load_split(args.data_path, "train", pre), load_split(args.data_path, "test", pre)
-        skipped = tr.corrupt + te.corrupt
+        parts = {s: load_split(args.data_path, s, pre) for s in ("train", "val", "test")}
+        skipped = sum(p.corrupt for p in parts.values())
         if skipped:
-            print(f"skipped {skipped} image(s) that could not be decoded")
-        return ((tr.x, tr.y), (tr.x[:args.calib], tr.y[:args.calib]), (te.x, te.y), tr.class_names, pre)
+            bad = [b for p in parts.values() for b in p.bad]
+            print(f"skipped {skipped} image(s) that could not be decoded (first: {bad[0]})")
+        (xtr, ytr), n = parts["train"][:2], len(parts["train"].x)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))[:args.calib]  # all classes
+        return {"train": (xtr, ytr), "val": tuple(parts["val"][:2]), "test": tuple(parts["test"][:2]),
+                "calib": (xtr[pick], ytr[pick]), "class_names": parts["train"].class_names, "preprocess": pre,
+                "skipped": skipped, "bad": [b for p in parts.values() for b in p.bad][:20]}
+    from common.data import get_task, make_split
+
     spec = get_task(args.task)
-    train = make_split(spec, "train", n=args.train_size, seed=args.seed)
-    calib = make_split(spec, "calib", n=args.calib, seed=args.seed)
-    test = make_split(spec, "test", seed=args.seed)
-    return train, calib, test, list(spec.class_names), pre
+    return {"train": make_split(spec, "train", n=args.train_size, seed=args.seed), "val": None,
+            "test": make_split(spec, "test", seed=args.seed), "calib": make_split(spec, "calib", n=args.calib,
+                                                                                   seed=args.seed),
+            "class_names": list(spec.class_names), "preprocess": pre, "skipped": 0, "bad": []}
 
 
 def prepare(model, args, calib):
@@ -94,31 +120,58 @@ def run(args) -> dict:
 
     from common.train import evaluate, make_optimizer, train_epochs
     from common.taskedge.tuner import print_trainable_parameters
+    from common.userdata import DataError
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    (xtr, ytr), calib, (xte, yte), class_names, pre = load_data(args)
-    model = build_model(args, len(class_names))
+    try:
+        class_names = class_names_of(args)
+        model = build_model(args, len(class_names))
+        data = load_data(args, model)
+    except DataError as err:
+        fail(f"argument --data-path {str(err).removeprefix('data-path ')}")
+    (xtr, ytr), (xte, yte), val, pre = data["train"], data["test"], data["val"], data["preprocess"]
+    sizes = {"train": len(xtr), "val": len(val[0]) if val else 0, "test": len(xte)}
+    if args.data_path and (sizes["train"] < 2 or sizes["test"] < 1):
+        fail(f"argument --data-path '{args.data_path}': {sizes['train']} training and {sizes['test']} test images "
+             f"after the split; need at least 2 and 1 (add images, or a test/ folder)")
+    from common.train import BATCH_NORMS
+
+    if args.batch_size == 1 and any(isinstance(m, BATCH_NORMS) for m in model.modules()):
+        fail(f"argument --batch-size: 1 with {args.model}, which has BatchNorm (it needs at least 2 examples per "
+             f"training batch); use --batch-size 2 or more")
+    print(f"data: {args.data_path or 'task ' + args.task} | classes {len(class_names)} | "
+          + " ".join(f"{k} {v}" for k, v in sizes.items()) + f" | input {pre.img_size} px")
     t0 = time.perf_counter()
-    prepare(model, args, calib)
+    prepare(model, args, data["calib"])
     setup_s = time.perf_counter() - t0
     line = print_trainable_parameters(model) if args.method == "taskedge" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"method={args.method} trainable tensors={trainable:,}")
     opt = make_optimizer(model, args.lr, head_lr=args.head_lr)
-    history = [{"epoch": 0, **{f"test_{k}": v for k, v in evaluate(model, xte, yte).items()}}]
+
+    def scores() -> dict:
+        out = {f"test_{k}": v for k, v in evaluate(model, xte, yte).items()}
+        if val and len(val[0]):
+            out.update({f"val_{k}": v for k, v in evaluate(model, *val).items()})
+        return out
+
+    history = [{"epoch": 0, **scores()}]
     print(f"epoch 0: test acc {history[0]['test_acc']:.4f}")
     t0 = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         tr = train_epochs(model, xtr, ytr, epochs=1, batch_size=args.batch_size, lr=args.lr,
                           seed=args.seed + epoch, optimizer=opt, progress=not args.quiet,
                           label=f"epoch {epoch}/{args.epochs}")
-        te = evaluate(model, xte, yte)
-        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"],
-                        "test_loss": te["loss"], "test_acc": te["acc"]})
-        print(f"epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.4f} | test acc {te['acc']:.4f}")
-    result = {"config": vars(args), "data": args.data_path or f"task {args.task}", "num_classes": len(class_names),
-              "class_names": class_names, "preprocess": json.loads(pre.to_json()), "trainable_line": line,
+        history.append({"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["acc"], **scores()})
+        val_text = f" val acc {history[-1]['val_acc']:.4f} |" if "val_acc" in history[-1] else ""
+        print(f"epoch {epoch}: train loss {tr['loss']:.4f} acc {tr['acc']:.4f} |{val_text} test acc "
+              f"{history[-1]['test_acc']:.4f}")
+    config = {**vars(args), "task": None if args.data_path else args.task}
+    result = {"config": config, "data": args.data_path or f"task {args.task}",
+              "task": None if args.data_path else args.task, "num_classes": len(class_names),
+              "class_names": class_names, "preprocess": pre.to_dict(), "splits": sizes,
+              "skipped_images": data["skipped"], "skipped_files": data["bad"], "trainable_line": line,
               "trainable": trainable, "setup_s": setup_s, "train_s": time.perf_counter() - t0, "history": history,
               "final_test_acc": history[-1]["test_acc"]}
     if args.save_model:
@@ -126,8 +179,9 @@ def run(args) -> dict:
         from common.taskedge.tuner import merge_and_unload
 
         plain = merge_and_unload(model) if args.method == "taskedge" else model
-        save_model(plain.state_dict(), args.save_model, model_name=args.model, class_names=class_names,
-                   preprocess=pre, extra={"method": args.method, "data": result["data"], "epochs": args.epochs})
+        save_model(plain, args.save_model, model_name=args.model, class_names=class_names, preprocess=pre,
+                   extra_meta={"method": args.method, "data": result["data"], "epochs": args.epochs,
+                               "final-test-acc": result["final_test_acc"]})
         result["model_path"] = str(args.save_model)
         print(f"saved the merged model to {args.save_model} (load it with common.export.load_model)")
     if args.json:
@@ -135,6 +189,12 @@ def run(args) -> dict:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")
     return result
+
+
+def fail(message: str):
+    """A mistake in the user's model, weights or data: one line on stderr, exit code 2 (no usage text)."""
+    print(f"finetune: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _positive_int(text: str) -> int:
@@ -156,7 +216,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action="store_true", help="download timm weights from the hub (needs network)")
     p.add_argument("--task", default=DEFAULT_TASK,
                    help="built-in generated task (default: %(default)s); decides classes and image size")
-    p.add_argument("--data-path", default=None, help="local image folder / saved HF dataset instead of the embedded task")
+    p.add_argument("--data-path", default=None, help="your data instead of the built-in task: an ImageFolder (<class>/<images>, optionally under "
+                        "train/ val/ test/) or a saved Hugging Face Dataset / DatasetDict (its splits are used)")
     p.add_argument("--method", choices=METHODS, default="taskedge",
                    help="taskedge = sparse task-aware entries + head, linear = head only, full = every weight "
                         "(default: %(default)s)")
@@ -211,28 +272,28 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(msg)
     from common import preflight
 
+    args.data_path = args.data_path or None  # '' = the built-in task
     if args.img_size < 0:
         p.error(f"argument --img-size: must be >= 0, got {args.img_size}")
     for problem in (preflight.weights_file(args.weights, "--weights") if args.weights is not None else "",
                     preflight.data_path(args.data_path, "--data-path") if args.data_path is not None else ""):
         if problem:
-            p.error(f"argument {problem}")
+            fail(f"argument {problem}")
 
 
 def validate_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--task and --model need the registries (torch, timm): checked after the cheap checks."""
     from common.data import TASKS
-    from common.models import EMBEDDED_MODELS
 
     if args.task not in TASKS:
         p.error(f"argument --task: unknown task {args.task!r}; choose from {', '.join(sorted(TASKS))}")
     from common import preflight
 
     problem = preflight.model_name(args.model, "--model")
-    if not problem and args.weights is not None and args.model not in EMBEDDED_MODELS:
-        problem = preflight.model_fits(args.model, args.weights, args.img_size, "--weights")
+    if not problem and args.weights is not None:
+        problem = preflight.model_fits(args.model, args.weights, args.img_size, "--weights", "--model")
     if problem:
-        p.error(f"argument {problem}")
+        fail(f"argument {problem}")
 
 
 def main(argv=None) -> dict:
