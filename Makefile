@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: setup run finetune test test-fast bench clean clean-cache
 
-# generated data and pre-trained embedded weights (common/data.py: cache_dir())
+# generated data and pre-trained embedded weights (common/data/splits.py: cache_dir())
 CACHE := $(or $(TASKEDGE_CACHE),$(HOME)/.cache/taskedge-fl)
 
 $(STAMP): pyproject.toml

@@ -20,7 +20,7 @@ The epsilon in the results is the one the server's accountant reports at the end
 
 The built-in task has a 1,000-example training split (~10 examples per client at 100 clients), so
 this benchmark gives the simulated clients a larger one for the duration of each sweep point:
-`--examples-per-client` x n examples from the same seeded generator (common.data.make_split; any n
+`--examples-per-client` x n examples from the same seeded generator (common.data.splits.make_split; any n
 is a prefix of a larger n), partitioned by the project's own flwr-datasets Dirichlet partitioner
 (common/partition.py, patched here only in the size of the training split it is given and in the
 size of its per-process partition cache). The server's test split is unchanged.
@@ -39,14 +39,14 @@ import functools
 import json
 import math
 import os
-import resource
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.profiling import PeakRSS, peak_rss_mb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET_GAP = 3.0  # points: the issue's target for epsilon = 8
@@ -57,34 +57,34 @@ TARGET_GAP = 3.0  # points: the issue's target for epsilon = 8
 def training_split(n_examples: int):
     """The built-in task's training split has `n_examples` examples while inside (simulated nodes only).
 
-    `common.partition._partitioned` reads the split with `make_split(task, "train")`; only that call
+    `common.partition.partitioned` reads the split with `make_split(task, "train")`; only that call
     is redirected (other splits and explicit sizes pass through). Partition caches are cleared on the
     way in and out, and the per-partition tensor cache is unbounded while inside (its 64 entries would
     re-partition every node every round past 64 nodes)."""
     import common.partition as P
 
-    original_split, original_cache = P.make_split, P._partition_tensors
+    original_split, original_cache = P.make_split, P.partition_tensors
 
     def make_split(task, split="train", n=None, seed=0):
         return original_split(task, split, n_examples if split == "train" and n is None else n, seed)
 
-    P._partitioned.cache_clear()
+    P.partitioned.cache_clear()
     original_cache.cache_clear()
     P.make_split = make_split
-    P._partition_tensors = functools.lru_cache(maxsize=None)(original_cache.__wrapped__)
+    P.partition_tensors = functools.lru_cache(maxsize=None)(original_cache.__wrapped__)
     try:
         yield
     finally:
-        P._partition_tensors.cache_clear()
-        P.make_split, P._partition_tensors = original_split, original_cache
-        P._partitioned.cache_clear()
+        P.partition_tensors.cache_clear()
+        P.make_split, P.partition_tensors = original_split, original_cache
+        P.partitioned.cache_clear()
 
 
 def partition_sizes(task: str, n: int, alpha: float, seed: int) -> list[int]:
     """Examples per partition (inside `training_split`)."""
     import common.partition as P
 
-    part = P._partitioned(task, "dirichlet", n, float(alpha), seed)
+    part = P.partitioned(task, "dirichlet", n, float(alpha), seed)
     return [len(part.load_partition(i)) for i in range(n)]
 
 
@@ -96,46 +96,11 @@ def prepare_partitions(task: str, n: int, alpha: float, seed: int) -> list[int]:
 
     import common.partition as P
 
-    P._partitioned.cache_clear()
-    P._partition_tensors.cache_clear()
+    P.partitioned.cache_clear()
+    P.partition_tensors.cache_clear()
     gc.collect()
     # the very key load_local_data uses (source=() passed positionally), so the nodes hit this cache
-    return [len(P._partition_tensors(task, "dirichlet", n, float(alpha), seed, i, ())[1]) for i in range(n)]
-
-
-# ---------------------------------------------------------------------------------------------- memory
-class PeakRSS:
-    """Peak resident set size of this process while inside (psutil, sampled every 50 ms)."""
-
-    def __init__(self, every: float = 0.05):
-        import psutil
-
-        self.proc, self.every, self.peak = psutil.Process(), every, 0
-        self._stop = threading.Event()
-
-    def _watch(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            self._stop.wait(self.every)
-
-    def __enter__(self):
-        self.peak = self.proc.memory_info().rss
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def mb(self) -> float:
-        return self.peak / 2**20
-
-
-def process_peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    return [len(P.partition_tensors(task, "dirichlet", n, float(alpha), seed, i, ())[1]) for i in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -305,7 +270,7 @@ def table(agg: list[dict], calib: dict | None, args, wall_total: float) -> str:
                   "noise-to-signal per round, sigma sqrt(d) / (n alignment): " + "; ".join(
                       f"{k}: " + ", ".join(f"n={m} {v:.2f}" for m, v in p.items())
                       for k, p in calib["predicted_noise_to_signal"].items()) + "."]
-    lines += ["", f"Total wall time {wall_total / 60:.1f} min; process peak RSS {process_peak_mb():,.0f} MB "
+    lines += ["", f"Total wall time {wall_total / 60:.1f} min; process peak RSS {peak_rss_mb(False):,.0f} MB "
               f"({os.cpu_count()} cores, shared)."]
     return "\n".join(lines)
 
@@ -415,7 +380,7 @@ def main(argv=None) -> dict:
     (args.out / f"{stem}.md").write_text(text + "\n")
     doc = {"args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "target_gap_pts": TARGET_GAP, "clients_needed": needed(agg), "wall_total_s": wall_total,
-           "process_peak_rss_mb": process_peak_mb(), "cpu_count": os.cpu_count(), "partitions": partitions,
+           "process_peak_rss_mb": peak_rss_mb(False), "cpu_count": os.cpu_count(), "partitions": partitions,
            "calibration": calib,
            "summary": agg, "runs": rows}
     (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=2, default=lambda x: None if x != x else str(x)))

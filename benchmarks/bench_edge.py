@@ -26,14 +26,15 @@ step_ms
     median / min / max wall time of ``--reps`` (>= 3) steps per method, methods interleaved
     round-robin (one warm-up step each), ``--threads`` torch threads.
 
-Methods: ``linear`` (head only), ``bn_head`` (normalisation layers — BatchNorm, or LayerNorm on the
-ViT — plus head), ``bitfit`` (every bias plus head; the CNNs' convs have no bias, so only the
-normalisation biases), ``full``, ``lora`` / ``dora`` (HF peft, r=``--rank``, on every Linear/Conv2d
-outside the head that peft accepts: depthwise convs are refused at r < groups and are left frozen;
-``lora_dw`` forces them in with r = groups on those layers — peft's only accepted rank — to show the
+Methods (``common.registry`` names, built by ``common.methods.build_calibrated``; the older spellings
+``linear``, ``bn_head``, ``full``, ``lora``, ``lora_dw`` are accepted): ``head-only``, ``bn-head`` (normalisation
+layers — BatchNorm, or LayerNorm on the ViT — plus head), ``bitfit`` (every bias plus head; the CNNs' convs
+have no bias, so only the normalisation biases), ``fedavg-full``, ``fedlora`` / ``dora`` (HF peft, r=``--rank``,
+on every Linear/Conv2d outside the head that peft accepts: depthwise convs are refused at r < groups and are
+left frozen; ``lora-dw`` forces them in with r = groups on those layers — peft's only accepted rank — to show the
 bloat), ``galore`` (galore-torch's GaLoreAdamW, rank ``--rank``, on every Linear/Conv2d weight
 outside the head, conv gradients flattened to (C_out, C_in/g·k·k) by ``FlatGaLore``; the rest plain
-AdamW in the same optimizer) and ``taskedge`` (``get_taskedge_model``, budget ``--budget``, calibrated
+AdamW in the same optimizer) and ``taskedge`` (budget ``--budget``, calibrated
 on random batches, plus dense head).
 
 Writes ``--json`` (default results/bench_edge.json) and ``--png`` (memory and FLOPs per method and
@@ -65,10 +66,12 @@ from benchmarks import profiling
 from common.taskedge.config import TaskEdgeConfig
 from common.models import create_model
 from common.train import make_optimizer
-from common.taskedge.tuner import collect_norms, get_taskedge_model, target_modules
+from common.methods import build_calibrated
+from common.registry import ALIASES, method_info
+from common.taskedge.tuner import collect_norms, target_modules
 
 MIB = profiling.MIB
-METHODS = ("linear", "bn_head", "bitfit", "full", "lora", "lora_dw", "dora", "galore", "taskedge")
+METHODS = ("head-only", "bn-head", "bitfit", "fedavg-full", "fedlora", "lora-dw", "dora", "galore", "taskedge")  # common.registry
 # (name, image size, constructor kwargs)
 MODELS = {
     "taskedge-vit-tiny": (32, {}),
@@ -99,21 +102,15 @@ def setup_method(method: str, args, model_name: str, calib, lrs: tuple[float, fl
     model = make_model(model_name, args.num_classes, args.seed)
     notes: dict = {}
     lr, head_lr = lrs
-    if method in ("linear", "bn_head", "bitfit", "full"):
-        baselines.train_only(model, method.replace("_", "-"))
-    elif method in ("lora", "dora", "lora_dw"):
-        model = baselines.peft_lora(model, args.rank, dora=method == "dora", seed=args.seed, save_head=False,
-                                    force_grouped=method == "lora_dw")
-        if model.peft_refused:
-            notes["peft_refused"] = model.peft_refused
-    elif method == "galore":
+    if method_info(method).optimizer == "galore":
         opt = baselines.galore_optimizer(model, lr, head_lr, args.rank, args.galore_gap)
         model.train()
         return model, opt, sum(p.numel() for p in model.parameters()), {"galore_layers": len(opt.pairs)}
-    elif method == "taskedge":
-        model, _mask = get_taskedge_model(model, TaskEdgeConfig(budget=args.budget, conv_grad=args.conv_grad), calib)
-    else:
-        raise ValueError(method)
+    # the registry's one build path; peft's head trains as a plain parameter (no modules_to_save copy)
+    model, _mask = build_calibrated(method, model, TaskEdgeConfig(budget=args.budget, conv_grad=args.conv_grad),
+                                    calib, args.rank, args.seed, save_head=False)
+    if getattr(model, "peft_refused", 0):
+        notes["peft_refused"] = model.peft_refused
     model.train()
     opt = make_optimizer(model, lr, weight_decay=0.01, head_lr=head_lr)  # AdamW's default decay, as before
     return model, opt, sum(p.numel() for p in model.parameters() if p.requires_grad), notes
@@ -293,7 +290,7 @@ def parse_args(argv=None):
     p.add_argument("--png", default="results/bench_edge.png", help="'' = no figure")
     a = p.parse_args(argv)
     if a.quick:
-        a.models, a.methods, a.reps, a.batch, a.dw_probe = "taskedge-mobilenetv2-tiny", "full,taskedge", 3, 4, 1
+        a.models, a.methods, a.reps, a.batch, a.dw_probe = "taskedge-mobilenetv2-tiny", "fedavg-full,taskedge", 3, 4, 1
         a.importance_reps = 0
     if a.reps < 3:
         p.error("--reps must be >= 3")
@@ -302,7 +299,7 @@ def parse_args(argv=None):
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [ALIASES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     bad = set(methods) - set(METHODS)
     if bad:
         raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {METHODS}")

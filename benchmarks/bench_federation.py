@@ -6,7 +6,7 @@
 Each run is one federation with the real ClientApp handlers and the real ServerApp phases and
 strategy (server/runner.py) over an in-process Grid (server/inprocess.py; messages are still
 serialised and bytes are counted from the real records). Full mode: every suite task
-(common.data.SUITE) x partitions (Dirichlet alpha=0.5 and IID) x `--seeds` partition seeds x
+(common.data.tasks.SUITE) x partitions (Dirichlet alpha=0.5 and IID) x `--seeds` partition seeds x
 METHODS, `--rounds` rounds of `--local-epochs` local epochs on `--nodes` clients that share the
 task's 1,000 training examples; accuracy on the task's 1,000-example test split after every round.
 Runs are independent, so `--workers` processes (one torch thread each) run them side by side.
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     from flwr.common.config import parse_config_args  # the "k=v" parsing of `flwr run --run-config`
 
     from common import tuned
-    from common.data import DEFAULT_TASK, SUITE
+    from common.data.tasks import DEFAULT_TASK, SUITE
     from common.settings import DEFAULTS
 
     if args.quick:

@@ -5,17 +5,20 @@ init, no downloads), one fixed batch. For each method:
 
 * ``floor``    frozen backbone, backprop to the input only (``x.requires_grad_(True)``, no
                parameter requires grad): the cost of a backward pass with no weight gradients.
-* ``taskedge`` ``get_taskedge_model`` (budget 0.001, score "taskedge", calibration on
-               ``--calib-batches`` batches) + dense head, AdamW.
-* ``lora``     HF peft LoRA r=8 on the modules TaskEdge wraps + dense head, AdamW (grouped /
-               depthwise convs that peft rejects at r=8 are left frozen and reported on stderr).
-* ``full``     every parameter trainable, AdamW.
+The registered methods are built by ``common.methods.build_calibrated`` (one build path for every entry
+point; older spellings ``lora`` / ``full`` are accepted for ``fedlora`` / ``fedavg-full``):
+
+* ``taskedge`` budget ``--budget`` (default 0.001), score "taskedge", calibration on
+               ``--calib-batches`` batches, + dense head, AdamW.
+* ``fedlora``  HF peft LoRA r=8 on the modules TaskEdge wraps + dense head, AdamW (grouped /
+               depthwise convs that peft rejects at r=8 are left frozen).
+* ``fedavg-full``  every parameter trainable, AdamW.
 * ``floor-stem``  (opt-in) the floor with the backward stopped at the output of the first Conv2d /
                Linear (a forward hook makes that output the leaf): no input gradient of the stem,
                which TaskEdge does not compute either (it trains the stem's entries but needs no
                gradient of the image). A timing reference only: how much of the floor is the
                image gradient (on ViT-B at 64 px the 16x16/16 patch conv's input gradient).
-* ``taskedge-lora``  (opt-in: ``--methods ...,taskedge-lora``) ``get_taskedge_lora_model``: dW = M ⊙ (B A)
+* ``taskedge-lora``  (opt-in: ``--methods ...,taskedge-lora``): dW = M ⊙ (B A)
                with A frozen, on a TaskEdge mask of ``--te-lora-budget`` (default 0.004, ~4 entries per
                row on ViT-B) at rank ``--te-lora-rank`` (default 1: rows x 1 trainable, about plain
                TaskEdge's 0.1 % count) + dense head, AdamW.
@@ -82,8 +85,8 @@ longer on a loaded box; ``--model vit_small_patch16_224`` is ~4x faster; the emb
 ``taskedge-vit-tiny`` works too).
 ``--model-kwargs`` passes extra ``timm.create_model`` arguments (e.g. '{"depth": 2}'). Example:
 
-    python -m benchmarks.bench_step --methods floor,taskedge,lora,full,floor-stem --json results/bench_step.json
-    python -m benchmarks.bench_step --model resnet18 --img-size 64 --methods floor,taskedge,lora,full,floor-stem \
+    python -m benchmarks.bench_step --methods floor,taskedge,fedlora,fedavg-full,floor-stem --json results/bench_step.json
+    python -m benchmarks.bench_step --model resnet18 --img-size 64 --methods floor,taskedge,fedlora,fedavg-full,floor-stem \
         --json results/bench_step_conv.json
     python -m benchmarks.bench_step --save-dtype bfloat16 --json results/bench_vitb_bf16.json
     python -m benchmarks.bench_step --model mobilenetv3_small_100 --img-size 64
@@ -109,10 +112,13 @@ if __package__ in (None, ""):  # `python benchmarks/bench_step.py` from the repo
 from benchmarks import profiling  # noqa: E402
 from common.taskedge.config import TaskEdgeConfig  # noqa: E402
 from common.models import create_model  # noqa: E402
-from common.taskedge.tuner import collect_norms, find_head, get_taskedge_model, target_modules  # noqa: E402
+from common.methods import build_calibrated  # noqa: E402
+from common.registry import ALIASES  # noqa: E402
+from common.taskedge.tuner import collect_norms, target_modules  # noqa: E402
 
-METHODS = ("floor", "taskedge", "lora", "full", "taskedge-lora", "floor-stem")
-DEFAULT_METHODS = ("floor", "taskedge", "lora", "full")
+# floor / floor-stem: the frozen model's step (the baselines of the ratios); the others are registered methods
+METHODS = ("floor", "taskedge", "fedlora", "fedavg-full", "taskedge-lora", "floor-stem")
+DEFAULT_METHODS = ("floor", "taskedge", "fedlora", "fedavg-full")
 MIB = profiling.MIB
 CONV_SHAPES = [  # (batch, channels, input size, kernel, stride): depthwise layers of MobileNet-style nets
     (32, 16, 32, 3, 2), (32, 72, 16, 3, 2), (32, 88, 8, 3, 1), (32, 96, 8, 5, 2), (32, 240, 4, 5, 1),
@@ -137,47 +143,21 @@ def make_batches(batch: int, img_size: int, num_classes: int, n: int, seed: int)
              torch.randint(0, num_classes, (batch,), generator=gen)) for _ in range(n)]
 
 
-def _lora_targets(model: nn.Module, r: int = 8) -> list[str]:
-    """TaskEdge's target modules, minus grouped convs that peft's LoRA rejects (rank % groups != 0,
-    e.g. depthwise convs); those stay frozen under LoRA."""
-    mods = target_modules(model, TaskEdgeConfig())
-    names = [n for n, m in mods.items() if not (isinstance(m, nn.Conv2d) and m.groups > 1 and r % m.groups)]
-    if len(names) < len(mods):
-        print(f"[lora] {len(mods) - len(names)} of {len(mods)} target modules are grouped convs peft cannot "
-              f"adapt at r={r}; LoRA skips them", file=sys.stderr)
-    return names
-
-
 def setup_method(method: str, args, calib) -> tuple[nn.Module, torch.optim.Optimizer | None, int]:
     """The model and AdamW optimizer of one method, and its number of trainable scalars."""
     model = make_model(args)
-    head = find_head(model)
     if method == "floor":
         model.requires_grad_(False)
     elif method == "floor-stem":
         model.requires_grad_(False)
         stem = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
         stem.register_forward_hook(lambda _m, _i, out: out.detach().requires_grad_(True))
-    elif method == "taskedge":
-        cfg = TaskEdgeConfig(budget=args.budget, save_dtype=args.save_dtype, conv_grad=args.conv_grad)
-        model, _ = get_taskedge_model(model, cfg, calib)
-    elif method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        names = _lora_targets(model)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=names, lora_dropout=0.0))
-        for p in model.get_base_model().get_submodule(head).parameters():
-            p.requires_grad_(True)
-    elif method == "full":
-        model.requires_grad_(True)
-    elif method == "taskedge-lora":
-        from common.taskedge.lora import TaskEdgeLoRAConfig, get_taskedge_lora_model
-
-        cfg = TaskEdgeLoRAConfig(budget=args.te_lora_budget, r=args.te_lora_rank, save_dtype=args.save_dtype,
-                                 conv_grad=args.conv_grad)
-        model, _ = get_taskedge_lora_model(model, cfg, calib)
-    else:
-        raise ValueError(method)
+    else:  # a registered method (common.registry), built by the registry's one path
+        lora = method == "taskedge-lora"
+        cfg = TaskEdgeConfig(budget=args.te_lora_budget if lora else args.budget, save_dtype=args.save_dtype,
+                             conv_grad=args.conv_grad)
+        model, _ = build_calibrated(method, model, cfg, calib, args.te_lora_rank if lora else 8, args.seed,
+                                    save_head=False)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -291,7 +271,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     if args.conv_micro:
         return {"conv_micro": conv_micro(args)}
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [ALIASES.get(m.strip(), m.strip()) for m in args.methods.split(",") if m.strip()]
     bad = set(methods) - set(METHODS)
     if bad:
         raise SystemExit(f"unknown method(s) {sorted(bad)}; choose from {METHODS}")

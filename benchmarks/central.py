@@ -15,15 +15,12 @@ from dataclasses import asdict, dataclass, field
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Centralised-only baselines of the edge benchmark (common.baselines; the federation does not run them):
-# normalisation layers + head, every bias + head (BitFit), peft DoRA (rank `lora_rank`), GaLore (rank `lora_rank`).
-EDGE_METHODS = ("bn-head", "bitfit", "dora", "galore")
 
 
 @dataclass(frozen=True)
 class Run:
     task: str
-    method: str  # taskedge | taskedge-lora | fedlora | fedavg-full | head-only, or an EDGE_METHODS baseline
+    method: str  # a name of common.registry.METHODS
     lr: float
     head_lr: float
     seed: int = 0
@@ -68,37 +65,28 @@ def column_stats(mask) -> dict:
 
 
 def prepare(run: Run, base, calib: tuple | None) -> tuple:
-    """The run's trainable model on `base` (in place for the mask methods) and its mask (None for the
-    others), the mask calibrated on `calib` = (x, y): the federation's own build path, without Flower."""
-    from common.taskedge.config import TaskEdgeConfig
-    from common.methods import MASK_METHODS, build
+    """The run's trainable model on `base` (in place where the method allows) and its mask (None for the
+    methods without one), the mask calibrated on `calib` = (x, y): `common.methods.build_calibrated`, the
+    registry's one build path."""
+    from common.methods import build_calibrated
     from common.settings import parse_nm
+    from common.taskedge.config import TaskEdgeConfig
     from common.train import batches
-    from common.taskedge.tuner import build_mask, calibrate
 
     tcfg = TaskEdgeConfig(budget=run.budget, score=run.score, allocation=run.allocation, seed=run.seed,
                           col_cap=run.col_cap, nm=parse_nm(run.nm))
-    mask = None
-    if run.method in EDGE_METHODS:
-        from common import baselines
-
-        if run.method == "dora":
-            return baselines.peft_lora(base, run.lora_rank, dora=True, seed=run.seed, config=tcfg), None
-        if run.method == "galore":  # trains every weight; the low rank lives in the optimizer (finetune)
-            return base.requires_grad_(True), None
-        return baselines.train_only(base, run.method), None
-    if run.method in MASK_METHODS:
-        norms, grads = calibrate(base, tcfg, batches(*calib, 64, shuffle=False))
-        mask = build_mask(base, tcfg, norms, grads)
-    return build(run.method, base, tcfg, mask, run.lora_rank, run.seed), mask
+    calib_batches = list(batches(*calib, 64, shuffle=False)) if calib is not None else None
+    return build_calibrated(run.method, base, tcfg, calib_batches, run.lora_rank, run.seed)
 
 
 def finetune(run: Run, threads: int = 1) -> dict:
     """Train `run` and return accuracy on its eval split (plus per-epoch history and trainable counts)."""
     import torch
 
-    from common.data import get_task, make_split
-    from common.methods import MASK_METHODS, base_model
+    from common.data.splits import make_split
+    from common.data.tasks import get_task
+    from common.methods import base_model
+    from common.registry import method_info
     from common.train import evaluate, make_optimizer, train_epochs
     from common.taskedge.tuner import count_trainable, find_head
 
@@ -112,7 +100,8 @@ def finetune(run: Run, threads: int = 1) -> dict:
     base = base_model(run.model, num_classes, run.weights, 0)
     t0 = time.perf_counter()
     calib = None
-    if run.method in MASK_METHODS:  # only the mask methods calibrate
+    kind = method_info(run.method)
+    if kind.uses_mask:  # only the mask methods calibrate
         calib = make_split(spec, "calib", n=run.calib) if not run.data_path else (x[:run.calib], y[:run.calib])
     model, mask = prepare(run, base, calib)
     info = column_stats(mask) if mask is not None else {}
@@ -120,7 +109,7 @@ def finetune(run: Run, threads: int = 1) -> dict:
     head = find_head(model.get_base_model() if hasattr(model, "get_base_model") else model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     head_n = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and f"{head}." in f".{n}")
-    if run.method == "galore":
+    if kind.optimizer == "galore":
         from common.baselines import galore_optimizer
 
         opt = galore_optimizer(model, run.lr, run.head_lr, run.lora_rank)
@@ -139,7 +128,7 @@ def finetune(run: Run, threads: int = 1) -> dict:
            f"{other}_acc": ev_other["acc"], "trainable": trainable,
            "trainable_head": head_n, "trainable_body": trainable - head_n,
            "train_s": round(time.perf_counter() - t0, 2), "setup_s": round(setup_s, 2), "history": history, **info}
-    if run.method in MASK_METHODS:
+    if kind.uses_mask:
         out["entries"] = count_trainable(model)["delta"]
     if hasattr(model, "peft_refused"):
         out["peft_refused"] = model.peft_refused  # depthwise convs peft would not adapt (left frozen)
@@ -151,7 +140,7 @@ def _own_split(run: Run, spec, split: str):
     an ImageFolder tree with train/, val/, test/ subfolders, or a hub dataset name (online)."""
     from pathlib import Path
 
-    from common.data import load_hf_dataset, load_image_folder
+    from common.data.loading import load_hf_dataset, load_image_folder
 
     path = Path(run.data_path).expanduser()
     hf_split = {"val": "validation"}.get(split, split)
@@ -201,7 +190,8 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
 
 def warm_cache(tasks=None) -> None:
     """Generate every split of the suite once (before worker processes would each render it)."""
-    from common.data import SPLITS, SUITE, make_split
+    from common.data.splits import make_split
+    from common.data.tasks import SPLITS, SUITE
 
     for task in tasks or SUITE:
         for split in SPLITS:

@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", default="", help="comma list of stage-1 labels to (re)run and merge into --json")
     args = ap.parse_args(argv)
     from common import tuned
-    from common.taskedge.config import UNIVERSAL_SCORES
-    from common.data import SUITE
+    from common.taskedge.scores import get_score
+    from common.data.tasks import SUITE
     from common.settings import DEFAULTS
 
     tasks = [t for t in args.tasks.split(",") if t] or list(SUITE)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     res1 = run_many(stage1(tasks, seeds, args.epochs, budget), args.workers)
     table = summarize(res1, tasks)
     # the default must work in every mode: "gradient" (no SecAgg+/DP/N:M, a dense upload per node) is not a candidate
-    cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and d["score"] in UNIVERSAL_SCORES}
+    cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and not get_score(d["score"]).needs_gradients}
     winner = max(cands, key=lambda tag: cands[tag]["suite_val_mean"])
     sel = {"score": cands[winner]["score"], "allocation": cands[winner]["allocation"], "budget": budget,
            "chosen_by": "best suite-mean validation accuracy in benchmarks/compare_scores.py", "label": winner}

@@ -77,7 +77,8 @@ def cost(batch: int, reps: int, threads: int, task: str) -> dict:
 
     import torch
 
-    from common.data import get_task, make_split
+    from common.data.splits import make_split
+    from common.data.tasks import get_task
     from common.methods import base_model
     from benchmarks.profiling import interleaved_times, step_live_peak, train_step
     from common.train import make_optimizer
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=Path("results/compare_variants.json"))
     args = ap.parse_args(argv)
-    from common.data import SUITE
+    from common.data.tasks import SUITE
 
     tasks = [t for t in args.tasks.split(",") if t] or list(SUITE)
     t0 = time.perf_counter()

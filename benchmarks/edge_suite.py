@@ -38,6 +38,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.central import Run, run_many
+from common.registry import METHODS
 
 MODELS = ("taskedge-vit-tiny", "taskedge-resnet-tiny", "taskedge-mobilenetv2-tiny")
 LR_GRID = (1e-3, 3e-3, 1e-2, 3e-2)
@@ -64,10 +65,9 @@ ABLATIONS = (
 )
 RANKS = (1, 2, 16)
 BUDGETS = (0.001, 0.005, 0.08)
-# bench_edge's names of the cost rows
-COST_NAME = {"linear": "linear", "bn-head": "bn_head", "bitfit": "bitfit", "full": "full", "lora": "lora",
-             "dora": "dora", "galore": "galore", "taskedge": "taskedge"}
-FED_METHODS = {"linear": "head-only", "full": "fedavg-full", "lora": "fedlora", "taskedge": "taskedge"}
+# the table's labels -> the registered method (common.registry) of its cost row and, where one exists, its federation
+COST_NAME = {label: method for label, method, _ in TUNED}
+FED_METHODS = {label: method for label, method, _ in TUNED if METHODS[method].federated}
 SHIFT, UNSEEN = "shapes-shift", "shapes-downstream"
 
 
@@ -173,7 +173,7 @@ def sweeps(models, rates, tasks, seeds, epochs, workers, cache) -> dict:
 def upload_bytes(models, num_classes: int = 10) -> dict:
     """Bytes a client uploads per round (float32 arrays of common.methods.get_arrays) per federated method,
     each model built as the accuracy runs build it (`central.prepare`, calibrated on 64 examples)."""
-    from common.data import make_split
+    from common.data.splits import make_split
     from common.methods import base_model, get_arrays
     from benchmarks.central import prepare
 
@@ -191,7 +191,7 @@ def upload_bytes(models, num_classes: int = 10) -> dict:
 def cost(models, quick: bool) -> dict:
     from benchmarks import bench_edge
 
-    methods = ["linear", "taskedge"] if quick else list(bench_edge.METHODS)
+    methods = ["head-only", "taskedge"] if quick else list(bench_edge.METHODS)
     argv = ["--models", ",".join(models), "--methods", ",".join(methods), "--budget", str(BUDGET), "--json", "",
             "--png", ""]
     if quick:
@@ -341,7 +341,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from common.data import SUITE
+    from common.data.tasks import SUITE
 
     a = parse_args(argv)
     if a.replot:

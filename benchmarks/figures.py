@@ -51,6 +51,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path, dpi: int = 110, **layout) -> Path:
+    """Lay the figure out (``layout``: tight_layout's arguments), write it to `out` and close it."""
+    fig.tight_layout(**layout)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
 def _suite_curves(bench: dict, part: str) -> dict[str, tuple[np.ndarray, np.ndarray, int, int]]:
     """method -> (mean curve, sd curve, seeds, tasks): the suite-mean curve of every seed that has all
     tasks, then mean and sd over those seeds; tasks without a full seed set are left out (said in the title)."""
@@ -97,10 +105,7 @@ def fig_rounds(bench: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle(f"Federated fine-tuning, {setup['nodes']} clients, {setup['local_epochs']} local epoch/round", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def fig_rounds_tasks(bench: dict, out: Path, part: str = "dirichlet") -> Path | None:
@@ -130,10 +135,7 @@ def fig_rounds_tasks(bench: dict, out: Path, part: str = "dirichlet") -> Path | 
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7)
     fig.suptitle(f"Per task, {part}, mean ± sd over partition seeds", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 0.96))
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out, dpi=100, rect=(0, 0.07, 1, 0.96))
 
 
 def _budget_series(doc: dict) -> dict[str, list[tuple[int, float, float]]]:
@@ -217,10 +219,7 @@ def fig_trainable(central_budget: dict | None, compare: dict | None, fed_budget:
         a.grid(alpha=0.3, which="both")
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def fig_upload(bench: dict, out: Path, part: str = "dirichlet") -> Path | None:
@@ -243,10 +242,7 @@ def fig_upload(bench: dict, out: Path, part: str = "dirichlet") -> Path | None:
     ax.set_title(f"Accuracy vs upload, {part}, rounds 1..{bench['setup']['rounds']}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _md(text: str) -> str:

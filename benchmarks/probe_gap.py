@@ -20,8 +20,11 @@ import time
 import torch
 from torch import nn
 
-from common.data import DEFAULT_TASK, get_task, make_split
-from common.models import DEFAULT_MODEL, create_embedded, embedded_backbone, embedded_info
+from common.architectures import DEFAULT_MODEL
+from common.backbones import embedded_backbone, embedded_info
+from common.data.splits import make_split
+from common.data.tasks import DEFAULT_TASK, get_task
+from common.models import create_embedded
 
 
 def _train(model, x, y, *, epochs: int, batch_size: int, lr: float, weight_decay: float, seed: int) -> None:

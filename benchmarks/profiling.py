@@ -16,13 +16,15 @@ added when an aten op creates them, removed when freed), which sees saved tensor
 during backward and the transient temporaries of backward and the optimizer step. Timing interleaves the compared callables round-robin
 so that load from other processes on a shared machine hits each of them alike.
 
-Only torch and the standard library (plus our own layers); nothing runs at import.
+Only torch and the standard library (plus our own layers; ``PeakRSS``, a sampled high-water mark of a
+whole federation in one process, imports psutil when built); nothing runs at import.
 """
 from __future__ import annotations
 
 import resource
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -152,6 +154,36 @@ def peak_rss_mb(reset_ok: bool) -> float:
             pass
     ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return ru / (MIB if sys.platform == "darwin" else 1024)
+
+
+class PeakRSS:
+    """Peak resident set size of this process while inside (psutil, sampled every 50 ms)."""
+
+    def __init__(self, every: float = 0.05):
+        import psutil
+
+        self.proc, self.every, self.peak = psutil.Process(), every, 0
+        self._stop = threading.Event()
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.peak = self.proc.memory_info().rss
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    @property
+    def mb(self) -> float:
+        return self.peak / 2**20
 
 
 # --- timing ----------------------------------------------------------------------------------

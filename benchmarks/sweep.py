@@ -29,7 +29,7 @@ TE_LORA_SHAPE = {"budget": 0.08, "lora_rank": 2}
 
 
 def grid(methods=METHODS, tasks=None, epochs: int = 5, seed: int = 0) -> list[Run]:
-    from common.data import SUITE
+    from common.data.tasks import SUITE
 
     runs = []
     for task in tasks or SUITE:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--no-write-defaults", action="store_true")
     args = ap.parse_args(argv)
     from common import tuned
-    from common.data import SUITE
+    from common.data.tasks import SUITE
 
     tasks = [t for t in args.tasks.split(",") if t] or list(SUITE)
     runs = grid(tuple(m for m in args.methods.split(",") if m), tasks, args.epochs)

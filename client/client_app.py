@@ -20,13 +20,18 @@ from flwr.clientapp import ClientApp
 
 from common.taskedge.allocation import Mask
 from common.local import local_eval, local_gradients, local_stats, local_train, local_vote
-from common.methods import (MASK_METHODS, base_fingerprint, base_model, get_arrays, method_model, node_mask,
+from common.registry import MASK_METHODS
+from common.methods import (base_fingerprint, base_model, get_arrays, method_model, node_mask,
                             set_arrays)
-from common.models import BACKBONE_KEY, EMBEDDED_MODELS, WEIGHTS_ENV, BackboneMismatch, shipped_weights
+from common.architectures import EMBEDDED_MODELS
+from common.backbones import WEIGHTS_ENV, shipped_weights
+from common.models import BACKBONE_KEY, BackboneMismatch
 from common.partition import node_class_names, node_data, node_input_size
 from common.settings import CLIENT_KEYS, AppConfig, parse_run_config
+from common.taskedge.scores import get_score
 from common.wire import put, take
 
+from .codec import value_codec_mod
 from .privacy import RANK_FLOOR, privacy_mods
 
 
@@ -119,7 +124,7 @@ def stats(msg: Message, context: Context) -> Message:
                                                                       "calib-examples": len(data.x_calib)})})
     if cfg.reconcile == "vote":
         content["votes"] = _record(local_vote(model, tcfg, st))
-    if tcfg.score == "gradient":
+    if get_score(tcfg.score).needs_gradients:
         content["grads"] = _record(local_gradients(model, tcfg, data.x_calib, data.y_calib, cfg.batch_size))
     return Message(content, reply_to=msg)
 
@@ -192,9 +197,10 @@ def train_only(mod):
 def create_app(mods: tuple = ()) -> ClientApp:
     """The ClientApp with these handlers, behind Flower mods (DP clipping mods: wrap in `train_only`).
 
-    The privacy mods (client/privacy.py: SecAgg+, DP clipping, uniform weights) always come first;
-    they act only on messages that ask for them, so one app serves plain and private runs."""
-    client = ClientApp(mods=[*privacy_mods(lambda m, c: client(m, c)), *mods])
+    `value_codec_mod` (client/codec.py: value-dtype float16 / int8) is the outermost, so every other mod
+    and handler sees float32 arrays. The privacy mods (client/privacy.py: SecAgg+, DP clipping, uniform
+    weights) come next; they act only on messages that ask for them, so one app serves plain and private runs."""
+    client = ClientApp(mods=[value_codec_mod, *privacy_mods(lambda m, c: client(m, c)), *mods])
     client.query("classes")(classes)
     client.query("stats")(stats)
     client.query("mask")(install_mask)

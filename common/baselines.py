@@ -21,8 +21,8 @@ from common.taskedge.config import TaskEdgeConfig
 from common.taskedge.tuner import find_head, target_modules
 
 NORMS = (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)
-# head + a few parameters: which parameters each trains besides the head
-FEW_PARAM_METHODS = ("linear", "bn-head", "bitfit")
+# head + a few parameters (common.registry names): which parameters each trains besides the head
+FEW_PARAM_METHODS = ("head-only", "bn-head", "bitfit")
 
 
 class MethodUnavailable(RuntimeError):
@@ -37,10 +37,10 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
 def train_only(model: nn.Module, method: str) -> nn.Module:
     """Freeze everything but what `method` trains: the head, plus the normalisation layers (bn-head:
     BatchNorm, or LayerNorm on a ViT) or every bias (bitfit; convs followed by BN have none, so on
-    the CNNs that is the normalisation biases); `full` trains everything. In place."""
-    if method not in FEW_PARAM_METHODS + ("full",):
-        raise ValueError(f"unknown method {method!r}; allowed: {FEW_PARAM_METHODS + ('full',)}")
-    model.requires_grad_(method == "full")
+    the CNNs that is the normalisation biases); `fedavg-full` trains everything. In place."""
+    if method not in FEW_PARAM_METHODS + ("fedavg-full",):
+        raise ValueError(f"unknown method {method!r}; allowed: {FEW_PARAM_METHODS + ('fedavg-full',)}")
+    model.requires_grad_(method == "fedavg-full")
     for p in head_parameters(model):
         p.requires_grad_(True)
     if method == "bn-head":

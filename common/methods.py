@@ -1,6 +1,8 @@
-"""The method registry: the federated methods behind one small interface, for both apps.
+"""The builders of the method registry (`common.registry` names them), and the federated methods' wire form.
 
-Every method reduces to "a dict of float32 arrays that travels":
+`build` turns a pre-trained model into any registered method's trainable model: the federation, the
+centralised runs, `taskedge-finetune` and the benchmarks all build through it.
+Every federated method reduces to "a dict of float32 arrays that travels":
 
 - taskedge:    `common.wire.pack` — the packed `values` vector of the global mask + the dense head.
 - taskedge-lora: `common.taskedge.lora.pack_lora` — dW = M ⊙ (B A) on the global mask M with A frozen (shared by
@@ -18,27 +20,32 @@ from __future__ import annotations
 import copy
 from collections import OrderedDict
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from common.taskedge.allocation import Mask
-from common.taskedge.config import STAT_SCORES, TaskEdgeConfig
+from common.taskedge.config import TaskEdgeConfig
+from common.taskedge.scores import get_score
 from common.train import HEAD_LR_ATTR
-from common.taskedge.tuner import apply_mask, apply_nm, find_head, mark_trainable, merge_and_unload
-from common.settings import AppConfig
+from common.taskedge.tuner import (apply_mask, apply_nm, build_mask, calibrate, find_head, mark_trainable,
+                                   merge_and_unload)
+from common.registry import METHODS, method_info, resolve_method
 from common.wire import PACKED, Arrays, carry_values, nested, pack, unpack
 
-# Methods whose federation runs the statistics and mask phases (the global TaskEdge mask).
-MASK_METHODS = ("taskedge", "taskedge-lora")
+if TYPE_CHECKING:
+    from common.settings import AppConfig
+
 
 
 @lru_cache(maxsize=2)
 def pretrained_base(model: str, num_classes: int, weights_path: str, seed: int, img_size: int = 0) -> nn.Module:
     """The pre-trained model for these run-config values, built once per process and shared: never mutate it
     (`base_model` hands out copies)."""
-    from common.models import EMBEDDED_MODELS, create_model
+    from common.architectures import EMBEDDED_MODELS
+    from common.models import create_model
 
     kw = {"img_size": img_size} if img_size and model not in EMBEDDED_MODELS and takes_img_size(model) else {}
     if weights_path == "hub":
@@ -84,38 +91,80 @@ def base_model(model: str, num_classes: int, weights_path: str = "", seed: int =
     return copy.deepcopy(pretrained_base(model, num_classes, weights_path, seed, img_size))
 
 
-def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None = None,
-          lora_rank: int = 8, seed: int = 0) -> nn.Module:
-    """Turn a pre-trained model into the trainable model of `method` (in place for taskedge).
-
-    With N:M on (tcfg.nm), the base weights are first pruned from the activation norms the mask
-    carries (`Mask.norms`): the same pruning on every node and on the server.
-    """
-    if method in MASK_METHODS:
-        if mask is None:
-            raise ValueError(f"{method} needs a mask")
-        if tcfg.nm is not None:
-            if mask.norms is None and tcfg.score in STAT_SCORES:
-                raise ValueError(f"nm={tcfg.nm}: the mask carries no activation norms to prune the base weights by")
-            apply_nm(base, tcfg, mask.norms)
+def _mask_model(method: str):
+    def make(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
         if method == "taskedge-lora":
             from common.taskedge.lora import TaskEdgeLoRAConfig, apply_lora_mask
 
-            lcfg = TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": lora_rank})
-            return apply_lora_mask(base, mask, lcfg)
+            return apply_lora_mask(base, mask, TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": rank}))
         return apply_mask(base, mask, tcfg)
-    if method == "fedlora":  # peft LoRA (alpha 2r) + dense head; depthwise convs peft refuses stay frozen
+    return make
+
+
+def _peft(dora: bool = False, depthwise: bool = False):
+    """peft LoRA / DoRA (alpha 2r) + dense head; depthwise convs peft refuses stay frozen (`depthwise`: forced
+    in at r = groups, the cost study's variant)."""
+    def make(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
         from common.baselines import peft_lora
 
-        return peft_lora(base, lora_rank, seed=seed, config=tcfg)
-    if method == "fedavg-full":
-        for p in base.parameters():
-            p.requires_grad_(True)
-        return base
-    if method == "head-only":
-        mark_trainable(base, find_head(base, tcfg.head))
-        return base
-    raise ValueError(f"unknown method {method!r}")
+        return peft_lora(base, rank, dora=dora, seed=seed, config=tcfg, save_head=save_head, force_grouped=depthwise)
+    return make
+
+
+def _only(trains: str):
+    """Freeze all but the head plus `trains` (common.baselines.train_only)."""
+    def make(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
+        if trains == "head":
+            mark_trainable(base, find_head(base, tcfg.head))
+            return base
+        from common.baselines import train_only
+
+        return train_only(base, trains)
+    return make
+
+
+def _everything(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
+    return base.requires_grad_(True)  # galore: the low rank lives in its optimizer (common.baselines.galore_optimizer)
+
+
+# one builder per name of common.registry.METHODS (tests/test_registry.py checks they agree)
+BUILDERS = {
+    "taskedge": _mask_model("taskedge"), "taskedge-lora": _mask_model("taskedge-lora"),
+    "fedlora": _peft(), "dora": _peft(dora=True), "lora-dw": _peft(depthwise=True),
+    "fedavg-full": _everything, "galore": _everything,
+    "head-only": _only("head"), "bn-head": _only("bn-head"), "bitfit": _only("bitfit"),
+}
+
+
+def build(method: str, base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None = None,
+          lora_rank: int = 8, seed: int = 0, *, save_head: bool = True) -> nn.Module:
+    """Turn a pre-trained model into the trainable model of `method` (a name or alias of common.registry),
+    in place where the method allows it. `save_head`: peft methods keep the head in peft's state dict
+    (`modules_to_save`, what the federation sends); False trains it as a plain parameter (no extra copy).
+
+    With N:M on (tcfg.nm), the base weights of a mask method are first pruned from the activation norms the
+    mask carries (`Mask.norms`): the same pruning on every node and on the server.
+    """
+    name = resolve_method(method)
+    if METHODS[name].uses_mask:
+        if mask is None:
+            raise ValueError(f"{name} needs a mask")
+        if tcfg.nm is not None:
+            if mask.norms is None and get_score(tcfg.score).needs_stats:
+                raise ValueError(f"nm={tcfg.nm}: the mask carries no activation norms to prune the base weights by")
+            apply_nm(base, tcfg, mask.norms)
+    return BUILDERS[name](base, tcfg, mask, lora_rank, seed, save_head)
+
+
+def build_calibrated(method: str, base: nn.Module, tcfg: TaskEdgeConfig, calib_batches=None, lora_rank: int = 8,
+                     seed: int = 0, *, save_head: bool = True) -> tuple[nn.Module, Mask | None]:
+    """The centralised path of `build`: a mask method first scores `calib_batches` (a list of (x, y)) and
+    allocates its mask on this model; (trainable model, mask or None)."""
+    mask = None
+    if method_info(method).uses_mask:
+        norms, grads = calibrate(base, tcfg, calib_batches)
+        mask = build_mask(base, tcfg, norms, grads)
+    return build(method, base, tcfg, mask, lora_rank, seed, save_head=save_head), mask
 
 
 def method_model(cfg: AppConfig, mask: Mask | None = None) -> nn.Module:
@@ -174,7 +223,7 @@ def set_arrays(method: str, model: nn.Module, arrays: dict[str, np.ndarray]) -> 
 
 def export(method: str, model: nn.Module) -> nn.Module:
     """A plain model with the learned update folded in (what gets deployed)."""
-    if method in MASK_METHODS:
+    if method_info(method).uses_mask:
         return merge_and_unload(model)
     if method == "fedlora":
         return copy.deepcopy(model).merge_and_unload()

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common import tuned as _tuned
+from common.registry import FEDERATED_METHODS
 from common.taskedge.config import ALLOCATIONS, SCORES
 
-METHODS = ("taskedge", "fedavg-full", "fedlora", "taskedge-lora", "head-only")
+METHODS = FEDERATED_METHODS  # common.registry: the methods with a wire form
 PARTITIONERS = ("iid", "dirichlet")
 RECONCILE = ("stats", "vote")
 SERVER_OPTS = ("fedavg", "fedavgm")
@@ -23,6 +24,7 @@ AGGREGATIONS = ("mean", "trimmed", "median")
 STATS_AGGREGATIONS = ("sum", "median")
 DP_MODES = ("none", "server", "client")
 DP_CLIPPINGS = ("fixed", "adaptive")
+VALUE_DTYPES = ("float32", "float16", "int8")  # common/quantize.py DTYPES
 _SELECTION = _tuned.selection()
 
 
@@ -109,6 +111,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("seed", 0, "seed of partitions, initialisation and sampling", side="both"),
     Option("output-dir", "runs", "run folder = output-dir/<timestamp>-<method>"),
     Option("resume", "", "checkpoint.safetensors or run folder to continue from"),
+    Option("value-dtype", "float32", "form of the value vectors on the wire, both ways, every method: float16 = cast; "
+           "int8 = per-tensor scale + unbiased stochastic rounding (~4x fewer bytes); nodes send their update; "
+           "not with secure-aggregation", VALUE_DTYPES, "both"),
     Option("secure-aggregation", False, "SecAgg+ for the statistics and training rounds: the server learns only "
            "sums of >= 3 nodes"),
     Option("secagg-num-shares", 1.0, "shares per node: <= 1 a fraction of the round's nodes, else a count (>= 3)"),

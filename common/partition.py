@@ -15,7 +15,9 @@ from functools import lru_cache
 import torch
 
 from common.classes import label_map
-from common.data import from_hf_dataset, get_task, make_split, to_hf_dataset
+from common.data.loading import from_hf_dataset, to_hf_dataset
+from common.data.splits import make_split
+from common.data.tasks import get_task
 from common.settings import AppConfig
 
 
@@ -53,7 +55,7 @@ def _partitioner(kind: str, num_partitions: int, alpha: float, seed: int):
 
 
 @lru_cache(maxsize=4)
-def _partitioned(task: str, kind: str, num_partitions: int, alpha: float, seed: int, source: tuple = ()):
+def partitioned(task: str, kind: str, num_partitions: int, alpha: float, seed: int, source: tuple = ()):
     """One partitioner per federation setting, cached per process (Ray actors serve many nodes).
     `source`: (data path, model, img-size) of a user's dataset; () = the built-in task."""
     if source:
@@ -110,15 +112,16 @@ def _to_global(y: torch.Tensor, names: list[str], cfg: AppConfig) -> torch.Tenso
 
 def partition_labels(task: str, kind: str, num_partitions: int, alpha: float, seed: int) -> list[list[int]]:
     """Labels of every partition (for tests and reports of the label skew)."""
-    part = _partitioned(task, kind, num_partitions, float(alpha), seed)
+    part = partitioned(task, kind, num_partitions, float(alpha), seed)
     return [list(part.load_partition(i)["label"]) for i in range(num_partitions)]
 
 
 @lru_cache(maxsize=64)
-def _partition_tensors(task: str, kind: str, num_partitions: int, alpha: float, seed: int,
-                       partition_id: int, source: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
-    """A partition's tensors, cached per process: a simulated node is asked for its data every round."""
-    part = _partitioned(task, kind, num_partitions, alpha, seed, source)
+def partition_tensors(task: str, kind: str, num_partitions: int, alpha: float, seed: int,
+                      partition_id: int, source: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """A partition's tensors, cached per process: a simulated node is asked for its data every round.
+    Public, like `partitioned`, because benchmarks/bench_dp_scale.py clears and resizes both caches."""
+    part = partitioned(task, kind, num_partitions, alpha, seed, source)
     try:
         with warnings.catch_warnings():  # one line per failed Dirichlet draw otherwise; the error below says it all
             warnings.filterwarnings("ignore", message="The specified min_partition_size")
@@ -134,10 +137,10 @@ def _partition_tensors(task: str, kind: str, num_partitions: int, alpha: float, 
 def load_local_data(task: str, partition_id: int, num_partitions: int, *, partitioner: str = "dirichlet",
                     alpha: float = 0.5, seed: int = 0, test_fraction: float = 0.2, calib_size: int = 64,
                     source: tuple = ()) -> LocalData:
-    """A simulated node's partition of the built-in task, or of a user's dataset (`source`: `_partitioned`)."""
+    """A simulated node's partition of the built-in task, or of a user's dataset (`source`: `partitioned`)."""
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
-    x, y = _partition_tensors(task, partitioner, num_partitions, float(alpha), seed, partition_id, source)
+    x, y = partition_tensors(task, partitioner, num_partitions, float(alpha), seed, partition_id, source)
     x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed * 7919 + partition_id)
     return LocalData(x_tr, y_tr, x_te, y_te, min(calib_size, len(x_tr)))
 

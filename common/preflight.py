@@ -56,7 +56,7 @@ def model_name(name: str, key: str = "model") -> str:
     """An embedded model or a timm architecture name (imports timm)."""
     import timm
 
-    from common.models import EMBEDDED_MODELS
+    from common.architectures import EMBEDDED_MODELS
 
     if name in EMBEDDED_MODELS or ":" in name or timm.is_model(name):
         return ""

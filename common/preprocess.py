@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-# The embedded models' preprocessing: the offline task suite's (common.data.TaskSpec: image_size 32,
+# The embedded models' preprocessing: the offline task suite's (common.data.tasks.TaskSpec: image_size 32,
 # mean/std 0.5; tests check they agree), images squashed to the square with a bilinear resize.
 EMBEDDED_SIZE, EMBEDDED_MEAN, EMBEDDED_STD = 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 _CHUNK = 256  # images converted to float per step in apply() (bounds the temporaries)
@@ -66,7 +66,7 @@ class Preprocess:
 
 
 def _embedded(model_name: str) -> bool:
-    from common.models import EMBEDDED_MODELS
+    from common.architectures import EMBEDDED_MODELS
 
     return model_name in EMBEDDED_MODELS or model_name in EMBEDDED_MODELS.values()
 
@@ -91,7 +91,7 @@ def resolve_preprocess(model_name: str, img_size: int | None = None, *, model=No
         import timm
         from timm.models import get_pretrained_cfg
 
-        from common.models import EMBEDDED_MODELS
+        from common.architectures import EMBEDDED_MODELS
 
         if not timm.is_model(model_name):
             raise ValueError(f"model {model_name!r}: not a timm model name (see timm.list_models()) nor an embedded "

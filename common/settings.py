@@ -13,6 +13,8 @@ from typing import Any
 from common import tuned as _tuned
 from common.classes import parse_class_names
 from common.taskedge.config import TaskEdgeConfig
+from common.registry import ALIASES, MASK_METHODS
+from common.taskedge.scores import get_score
 from common.options import (AGGREGATIONS, BY_KEY, METHODS, OPTIONS, PARTITIONERS, RECONCILE,  # noqa: F401
                             SERVER_OPTS, STATS_AGGREGATIONS)
 
@@ -79,6 +81,7 @@ class AppConfig:
     seed: int
     output_dir: str
     resume: str
+    value_dtype: str
     secure_aggregation: bool
     secagg_num_shares: float
     secagg_reconstruction_threshold: float
@@ -117,7 +120,7 @@ class AppConfig:
         names = parse_class_names(self.class_names)
         if names:
             return names + [f"class-{i}" for i in range(len(names), self.num_classes)]
-        from common.data import get_task
+        from common.data.tasks import get_task
 
         return list(get_task(self.task).class_names)
 
@@ -208,7 +211,7 @@ def _check(cfg: dict[str, Any]) -> None:
     except ValueError as exc:
         raise _bad("nm", str(exc), cfg["nm"]) from None
     _check_selection(cfg, nm)
-    if nm is not None and cfg["method"] not in ("taskedge", "taskedge-lora"):
+    if nm is not None and cfg["method"] not in MASK_METHODS:
         raise _bad("nm", "N:M applies to the taskedge methods (their deltas live on kept entries)", cfg["nm"])
     if nm is not None and cfg["reconcile"] != "stats":
         raise _bad("nm", "needs reconcile='stats' (the pruning is derived from the pooled statistics)", cfg["nm"])
@@ -267,6 +270,11 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
         raise _bad("clip-norm", f"with dp the one clip in front of the noise is dp-clip-norm="
                    f"{cfg['dp-clip-norm']:g}; set clip-norm=0 or equal to dp-clip-norm", cfg["clip-norm"])
     if cfg["secure-aggregation"]:
+        if cfg["value-dtype"] != "float32":
+            # SecAgg+ quantizes the float update with its own clipping range; per-node int8 scales do not add up
+            # in a masked sum, so the two do not compose (SecAgg+'s ring elements are 4-8 bytes anyway)
+            raise _bad("value-dtype", "secure-aggregation=true already quantizes the update (SecAgg+'s own "
+                       "quantizer); set value-dtype='float32' or secure-aggregation=false", cfg["value-dtype"])
         if cfg["dp"] == "server":
             raise _bad("dp", "server-side clipping needs every update in the clear; with secure-aggregation use "
                        "dp=client (nodes clip, the server noises the secure sum)", cfg["dp"])
@@ -277,20 +285,20 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
             raise _bad("secure-aggregation", "needs a fixed bound on every update for SecAgg+'s quantizer: set "
                        "clip-norm (nodes clip their update to it) or secagg-clipping-range, or use dp=client",
                        cfg["secure-aggregation"])
-    if private and cfg["method"] in ("taskedge", "taskedge-lora") and (cfg["reconcile"] != "stats"
+    if private and cfg["method"] in MASK_METHODS and (cfg["reconcile"] != "stats"
                                                                          or cfg["stats-aggregation"] != "sum"):
         raise _bad("reconcile", "secure aggregation and DP protect the pooled statistics (reconcile='stats', "
                    "stats-aggregation='sum'); local top-k votes and per-column medians need each node's statistics",
                    f"{cfg['reconcile']}/{cfg['stats-aggregation']}")
-    if cfg["score"] == "gradient" and cfg["method"] in ("taskedge", "taskedge-lora"):
+    if get_score(cfg["score"]).needs_gradients and cfg["method"] in MASK_METHODS:
         # each node uploads dense, signed gradient sums once (common.taskedge.gradient_score): summed, not voted, and
         # outside what the SecAgg+ / DP statistics release covers today
         if cfg["reconcile"] != "stats":
-            raise _bad("score", "'gradient' needs reconcile='stats' (the server adds up the nodes' gradient sums)",
-                       cfg["score"])
+            raise _bad("score", f"{cfg['score']!r} needs reconcile='stats' (the server adds up the nodes' gradient "
+                       "sums)", cfg["score"])
         if private:
-            raise _bad("score", "'gradient' sends dense gradient sums that secure aggregation / DP do not cover yet; "
-                       "use score='taskedge' with secure-aggregation or dp", cfg["score"])
+            raise _bad("score", f"{cfg['score']!r} sends dense gradient sums that secure aggregation / DP do not cover "
+                       "yet; use score='taskedge' with secure-aggregation or dp", cfg["score"])
     if cfg["dp"] == "none" and cfg["max-epsilon"] > 0:
         raise _bad("max-epsilon", "needs dp=server or dp=client", cfg["max-epsilon"])
     if cfg["dp-clipping"] == "adaptive" and cfg["dp"] != "none":
@@ -320,6 +328,7 @@ def parse_run_config(run_config: dict[str, Any] | None = None, **overrides: Any)
         if key not in DEFAULTS:
             raise ValueError(f"run config '{key}': unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
         merged[key] = _typed(key, value)
+    merged["method"] = ALIASES.get(merged["method"], merged["method"])  # an older spelling (common.registry)
     _check(merged)
     if merged["lr"] == 0.0:
         merged["lr"] = METHOD_LR[merged["method"]]

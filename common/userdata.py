@@ -17,6 +17,9 @@ Classes: an ImageFolder's sub-folder names (sorted; those of `train/` when it ha
 palette images alike); files that are not images by extension are ignored and counted (`DataInfo.ignored`),
 an image that cannot be decoded is skipped and counted (`Split.corrupt`, `Split.bad`), and a split with no
 readable image is an error naming the first bad file.
+
+(About 440 lines, kept in one file on purpose: loading re-reads the layout that inspection found, through the
+same private helpers for split folders, image listing and carving sizes, which a split would have to export.)
 """
 from __future__ import annotations
 

@@ -10,6 +10,8 @@
   secure aggregation see a plain fixed-length vector; the server knows each node's rank and
   derives the per-entry denominators from it (`packed_positions`).
 * `extract` / `load` are the per-module form of the same values (centralised use, inspection).
+* With run config `value-dtype` float16 / int8 these float32 arrays are encoded on the wire only
+  (common/quantize.py; down: the values, up: each node's update); both sides work on float32.
 """
 from __future__ import annotations
 

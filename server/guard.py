@@ -13,6 +13,9 @@ measures it (a rank-1 node writing 0.5 outside its sub-mask inflated its norm 6x
 update under the adaptive clip).
 In a DP run (`private`) each reply's metrics are cut to its weight before anything aggregates or logs
 them: a client's training loss and accuracy are un-noised functions of its data.
+With `codec` (run config value-dtype float16 / int8, server/codec.py) the broadcast is encoded before it
+is booked, and each training reply's encoded update is decoded (global + update) before the checks above,
+so everything inside sees float32 arrays and the bytes booked are the encoded bytes.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from common.wire import PACKED
 
 from . import validate
+from .codec import ValueCodec
 from .messages import content_bytes, match_replies, message_bytes
 from .recorder import RoundLog
 
@@ -33,8 +37,11 @@ from .recorder import RoundLog
 class ReplyGuard(Strategy):
     def __init__(self, strategy: Strategy, log: RoundLog, min_replies: int = 1, max_examples: int = 10**9,
                  on_failure: Callable[[int], None] | None = None, private: bool = False,
-                 positions: Callable[[int], np.ndarray | None] | None = None):
+                 positions: Callable[[int], np.ndarray | None] | None = None, codec: ValueCodec | None = None):
         self.strategy, self.log, self.min_replies, self.max_examples = strategy, log, min_replies, max_examples
+        self.codec = codec if codec is not None and codec.active else None
+        self._global: dict[str, np.ndarray] = {}
+        self._up: dict[int, int] = {}  # bytes of each node's reply as received (encoded)
         self.private, self.positions = private, positions
         self._packed: np.ndarray | None = None
         self.on_failure = on_failure  # e.g. MaskDelivery.forget: a failed node may have lost its state
@@ -54,6 +61,7 @@ class ReplyGuard(Strategy):
         """(node, reply, checked) of every valid reply; every other one dropped with its reason."""
         drop = lambda nid, why: self.log.drop(nid, f"{phase}: {why}")  # noqa: E731
         got = match_replies(self._sent, replies, drop)
+        self._up = {nid: message_bytes(r) for nid, r in got.items()}
         self.log.set(**{("eval_bytes_up" if phase == "evaluation" else "bytes_up"):
                         sum(message_bytes(r) for r in got.values())})
         out = []
@@ -73,16 +81,21 @@ class ReplyGuard(Strategy):
                         grid: Grid) -> Iterable[Message]:
         self._specs = {k: (tuple(v.shape), v.dtype) for k, v in arrays.items()}
         self._packed = arrays[PACKED].numpy() if self.positions is not None and PACKED in arrays else None
-        msgs = self._book(self.strategy.configure_train(server_round, arrays, config, grid), "")
+        msgs = self.strategy.configure_train(server_round, arrays, config, grid)
+        if self.codec is not None:
+            self._global = {k: v.numpy() for k, v in arrays.items()}
+            msgs = self.codec.broadcast(msgs, arrays, server_round, 0)
+        msgs = self._book(msgs, "")
         entries = sum(int(np.prod(s)) for s, _ in self._specs.values())
         self.log.set(sent=len(msgs), bytes_down_per_client=float(np.mean([content_bytes(m.content) for m in msgs]))
-                     if msgs else 0.0, bound_bytes_per_client=4.0 * entries)
+                     if msgs else 0.0, bound_bytes_per_client=4.0 * entries if self.codec is None
+                     else self.codec.bound_bytes(self._specs))
         return msgs
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid = self._valid(replies, "training", self._train_reply)
         valid = [v for v in valid if v[2][1] > 0]  # a reply of 0 examples is valid but carries no weight
-        self.log.set(replies=len(valid), bytes_up_per_client=float(np.mean([message_bytes(r) for _, r, _ in valid]))
+        self.log.set(replies=len(valid), bytes_up_per_client=float(np.mean([self._up[nid] for nid, _, _ in valid]))
                      if valid else 0.0)
         if len(valid) < self.min_replies:
             self.log.info("Round %d skipped: %d valid training replies, min-replies=%d", self.log.round, len(valid),
@@ -103,7 +116,12 @@ class ReplyGuard(Strategy):
         return arrays, metrics
 
     def _train_reply(self, reply: Message):
+        if self.codec is not None:  # the encoded update -> float32 global + update, in the reply (BadReply if not)
+            self.codec.decode_reply(reply, self._specs, self._global)
         checked = validate.train_reply(reply, self._specs, self.max_examples)
+        record = reply.content["arrays"]  # decoded once: clipping and the strategy reuse the validated values
+        for key, arr in checked[0].items():
+            record[key] = validate.DecodedArray.of(record[key], arr)
         pos = self.positions(reply.metadata.src_node_id) if self._packed is not None else None
         if pos is not None:
             validate.within_submask(checked[0][PACKED], self._packed, pos)
@@ -111,7 +129,10 @@ class ReplyGuard(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return self._book(self.strategy.configure_evaluate(server_round, arrays, config, grid), "eval_")
+        msgs = self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        if self.codec is not None:
+            msgs = self.codec.broadcast(msgs, arrays, server_round, 1)
+        return self._book(msgs, "eval_")
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         valid = self._valid(replies, "evaluation", lambda r: validate.eval_reply(r, self.max_examples))

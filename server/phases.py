@@ -25,6 +25,7 @@ from common.methods import base_model
 from common.privacy import clip_stats
 from common.settings import AppConfig
 from common.taskedge.stats import collect_stats
+from common.taskedge.scores import get_score
 from common.taskedge.tuner import target_modules
 from common.wire import nested
 
@@ -56,7 +57,7 @@ def max_examples(cfg: AppConfig) -> int:
     """The largest credible num-examples of one reply: `max-examples`, else the built-in task's training split,
     or USER_DATA_MAX_EXAMPLES when the nodes hold their own data (a data-path, or classes other than the task's:
     set max-examples to bound one node's weight in FedAvg)."""
-    from common.data import get_task
+    from common.data.tasks import get_task
 
     if cfg.max_examples:
         return cfg.max_examples
@@ -66,7 +67,7 @@ def max_examples(cfg: AppConfig) -> int:
 def stats_input_size(cfg: AppConfig) -> int:
     """The image size the nodes feed: `img-size` (set from the nodes' reports by the classes phase), else the
     built-in task's."""
-    from common.data import get_task
+    from common.data.tasks import get_task
 
     return cfg.img_size or get_task(cfg.task).image_size
 
@@ -130,7 +131,7 @@ def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog
     shapes, rows = stats_limits(base, cfg, targets)
     vote_sizes = {f"{n}.idx": int(m.weight.numel()) for n, m in targets.items()} if cfg.reconcile == "vote" else None
     grad_shapes = ({n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
-                   if tcfg.score == "gradient" else None)
+                   if get_score(tcfg.score).needs_gradients else None)
     replies = send_query(grid, cfg, log, RecordDict({"config": stats_config(cfg)}), nodes, "stats")
     stats, votes = [], []
     for nid in nodes:

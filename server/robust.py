@@ -26,13 +26,20 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from .recorder import RoundLog
+from .validate import decoded_view
 
 
 def _norm(arrays: list[np.ndarray], current: list[np.ndarray]) -> float:
     """L2 norm of the update over all arrays. numpy's own reductions, not BLAS: Flower's `get_norm`
     (np.linalg.norm) took ~25 ms a call instead of ~0.01 ms once torch's thread pool was running
     (benchmarks/bench_scale.py), which made a 1,000-client round 3x slower."""
-    return math.sqrt(sum(float(np.square(a.astype(np.float64) - c).sum()) for a, c in zip(arrays, current)))
+    total = 0.0
+    for a, c in zip(arrays, current):  # float64 (a - c)^2 summed, as before, with one temporary instead of three
+        d = a.astype(np.float64)
+        d -= c
+        np.square(d, out=d)
+        total += float(d.sum())
+    return math.sqrt(total)
 
 
 class UpdateClipping(Strategy):
@@ -55,7 +62,7 @@ class UpdateClipping(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         records = [next(iter(r.content.array_records.items())) for r in replies]
-        norms = [_norm(rec.to_numpy_ndarrays(), self._current) for _, rec in records]
+        norms = [_norm([decoded_view(a) for a in rec.values()], self._current) for _, rec in records]
         bound = self.clip_norm or (self.clip_factor * float(np.median(norms)) if norms else 0.0)
         clipped = 0
         for reply, (key, rec), norm in zip(replies, records, norms):

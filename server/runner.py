@@ -20,7 +20,8 @@ from flwr.serverapp.strategy import Strategy
 
 from common.export import save_model
 from common.local import local_eval
-from common.methods import (MASK_METHODS, base_fingerprint, base_model, carry_arrays, export, get_arrays,
+from common.registry import MASK_METHODS
+from common.methods import (base_fingerprint, base_model, carry_arrays, export, get_arrays,
                             method_model, num_entries, set_arrays)
 from common.models import BACKBONE_KEY
 from common.partition import server_test_set
@@ -29,6 +30,7 @@ from common.settings import AppConfig
 from common.taskedge.allocation import Mask
 
 from .checkpoint import Checkpoint, load_checkpoint
+from .codec import ValueCodec
 from .guard import ReplyGuard
 from .messages import array_record, wait_for_nodes
 from .phases import MaskDelivery, classes_phase, max_examples, statistics_phase
@@ -168,7 +170,8 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     elif (cfg.clip_norm > 0 or cfg.clip_factor > 0) and not cfg.secure_aggregation:  # secure: nodes clip
         inner = UpdateClipping(inner, log, cfg.clip_norm, cfg.clip_factor)
     guard = ReplyGuard(inner, log, cfg.min_replies, max_examples(cfg), delivery.forget if delivery else None,
-                       private=privacy.dp, positions=delivery.positions if nested and not cfg.secure_aggregation else None)
+                       private=privacy.dp, positions=delivery.positions if nested and not cfg.secure_aggregation else None,
+                       codec=ValueCodec(cfg.value_dtype, cfg.seed))
     recorder = RunRecorder(fed.run_dir, cfg.to_dict(), log)
     model = method_model(cfg, fed.mask)
     fingerprint = base_fingerprint(cfg.model, cfg.head_size, cfg.weights_path, cfg.seed, cfg.img_size)

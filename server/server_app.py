@@ -11,7 +11,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from common.models import EMBEDDED_MODELS, embedded_backbone
+from common.architectures import EMBEDDED_MODELS
+from common.backbones import embedded_backbone
 from common.settings import parse_run_config
 
 from .quiet import quiet_flower

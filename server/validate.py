@@ -19,8 +19,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import io
+
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from common.classes import check_names
 
@@ -53,9 +55,59 @@ def _keys(record: ArrayRecord, expected) -> None:
         raise BadReply(f"missing key '{missing[0]}'" + (f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
+_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The exact .npy header `np.save` (Flower's `Array(ndarray)`) writes for a C-ordered array."""
+    key = (dtype.str, shape)
+    if key not in _HEADERS:
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                   "fortran_order": False, "shape": shape})
+        _HEADERS[key] = buf.getvalue()
+    return _HEADERS[key]
+
+
+def npy_view(a: Array, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """`a.numpy()` without parsing the .npy header: when the payload is exactly the header np.save writes for
+    (dtype, shape) followed by the data, a read-only zero-copy view of it; anything else goes through
+    `Array.numpy()` (np.load, allow_pickle=False), as before. The values are the same either way."""
+    head = _npy_header(dtype, shape)
+    data = a.data
+    if isinstance(data, bytes) and len(data) == len(head) + math.prod(shape) * dtype.itemsize and data.startswith(head):
+        return np.frombuffer(data, dtype=dtype, offset=len(head)).reshape(shape)
+    return a.numpy()
+
+
+class DecodedArray(Array):
+    """An `Array` already validated and decoded once (by the reply guard): `numpy()` returns a fresh writable
+    copy of the decoded values (what `np.load` returned, without parsing the header again), `view` the
+    read-only decoded array itself. Same fields and bytes as the original (byte accounting unchanged)."""
+
+    view: np.ndarray
+
+    @classmethod
+    def of(cls, a: Array, view: np.ndarray) -> "DecodedArray":
+        out = cls.__new__(cls)
+        out.__dict__.update(a.__dict__)
+        out.view = view
+        return out
+
+    def numpy(self) -> np.ndarray:
+        return np.array(self.view)
+
+
+def decoded_view(a: Array) -> np.ndarray:
+    """The read-only decoded values of an Array (no copy when the guard decoded it already)."""
+    return a.view if isinstance(a, DecodedArray) else a.numpy()
+
+
 def decode_array(record: ArrayRecord, key: str, shape: tuple[int, ...] | None, dtype: str,
-                 max_len: int | None = None) -> np.ndarray:
-    """One array, checked from its metadata before decoding. shape None: 1-D of at most `max_len`."""
+                 max_len: int | None = None, copy: bool = True, bound: float | None = None) -> np.ndarray:
+    """One array, checked from its metadata before decoding. shape None: 1-D of at most `max_len`.
+    copy False: the array may be a read-only view of the received bytes (nothing is copied).
+    bound: float entries must also satisfy |value| <= bound (checked from the same min / max)."""
     a = record[key]
     if a.stype != "numpy.ndarray":
         raise BadReply(f"'{key}' is serialized as {a.stype!r}, expected a plain numpy array")
@@ -70,21 +122,26 @@ def decode_array(record: ArrayRecord, key: str, shape: tuple[int, ...] | None, d
     if len(a.data) > math.prod(got) * want.itemsize + HEADER_BYTES:
         raise BadReply(f"'{key}' carries {len(a.data)} bytes for a {got} {want.name} array")
     try:
-        arr = a.numpy()
+        arr = npy_view(a, want, got)  # read-only; a.numpy() unless the payload is the canonical .npy
     except Exception as exc:  # noqa: BLE001 - undecodable, object arrays (would need pickle), archives, ...
         raise BadReply(f"'{key}' cannot be decoded: {type(exc).__name__}: {exc}") from None
     if not isinstance(arr, np.ndarray) or arr.dtype != want or arr.shape != got:
         raise BadReply(f"'{key}' decodes to {type(arr).__name__} {getattr(arr, 'dtype', '?')} "
                        f"{getattr(arr, 'shape', '?')}, not the declared {want.name} {got}")
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        raise BadReply(f"'{key}' contains NaN/Inf")
-    return arr
+    if arr.dtype.kind == "f" and arr.size:
+        lo, hi = float(arr.min()), float(arr.max())  # min/max propagate NaN and reach +-Inf: no temporaries
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise BadReply(f"'{key}' contains NaN/Inf")
+        if bound is not None and (top := max(-lo, hi)) > bound:
+            raise BadReply(f"'{key}' has |value| {top:.3g} > {bound:g}")  # = max |value|, as _bounded words it
+    return arr if not copy or arr.flags.writeable else arr.copy()
 
 
-def decode(record: ArrayRecord, specs: Mapping[str, Spec]) -> dict[str, np.ndarray]:
+def decode(record: ArrayRecord, specs: Mapping[str, Spec], copy: bool = True,
+           bound: float | None = None) -> dict[str, np.ndarray]:
     """Arrays of a record checked against key -> (shape, dtype). Raises BadReply."""
     _keys(record, specs)
-    return {key: decode_array(record, key, shape, dtype) for key, (shape, dtype) in specs.items()}
+    return {key: decode_array(record, key, shape, dtype, copy=copy, bound=bound) for key, (shape, dtype) in specs.items()}
 
 
 def count(metrics: MetricRecord, key: str, limit: int, required: bool = True) -> int:
@@ -127,18 +184,19 @@ def check_error(msg: Message, records: tuple[str, ...]) -> None:
 def _bounded(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The arrays, if every float entry has |value| <= MAX_ABS; else BadReply naming the key."""
     for key, arr in arrays.items():
-        if arr.dtype.kind == "f" and arr.size and np.abs(arr).max() > MAX_ABS:
-            raise BadReply(f"'{key}' has |value| {float(np.abs(arr).max()):.3g} > {MAX_ABS:g}")
+        if arr.dtype.kind == "f" and arr.size and (top := max(-float(arr.min()), float(arr.max()))) > MAX_ABS:
+            raise BadReply(f"'{key}' has |value| {top:.3g} > {MAX_ABS:g}")  # = max |value|, without a temporary
     return arrays
 
 
 def train_reply(msg: Message, specs: Mapping[str, Spec], max_examples: int) -> tuple[dict[str, np.ndarray], int, dict]:
-    """(arrays, num-examples, metrics) of a training reply, or BadReply."""
+    """(arrays, num-examples, metrics) of a training reply, or BadReply. The arrays are read-only (views of the
+    received bytes where possible); `DecodedArray.of` lets later steps reuse them without decoding again."""
     check_error(msg, ("arrays", "metrics"))
     metrics = _record(msg, "metrics", MetricRecord)
     n = count(metrics, "num-examples", max_examples)
     m = scalar_metrics(metrics)
-    return _bounded(decode(_record(msg, "arrays", ArrayRecord), specs)), n, m
+    return decode(_record(msg, "arrays", ArrayRecord), specs, copy=False, bound=MAX_ABS), n, m  # = _bounded(decode())
 
 
 def eval_reply(msg: Message, max_examples: int) -> tuple[int, dict]:

@@ -1,7 +1,7 @@
 """Centralised TaskEdge fine-tuning (no Flower): the single-device path of the project.
 
     python -m simulations.finetune                      # embedded offline default
-    python -m simulations.finetune --method linear      # head only (linear probe)
+    python -m simulations.finetune --method head-only   # head only (linear probe)
     python -m simulations.finetune --model vit_small_patch16_224 --weights vit_s.safetensors --data-path ./my_folder
 
 Prints the trainable parameters, per-epoch validation and test accuracy, writes a results JSON (data path,
@@ -25,26 +25,26 @@ from typing import TYPE_CHECKING
 # the training code are imported where they are used.
 from common import tuned
 from common.taskedge.config import ALLOCATIONS, SAVE_DTYPES, SCORES
+from common.registry import FEDERATED_METHODS, METHODS as REGISTERED, resolve_method
 from common.settings import parse_run_config
 
 if TYPE_CHECKING:
     import torch
 
-METHODS = ("taskedge", "linear", "full")
-DEFAULT_MODEL = "taskedge-vit-tiny"  # = common.models.DEFAULT_MODEL (tests check), without importing torch
-DEFAULT_TASK = "shapes-downstream"  # = common.data.DEFAULT_TASK
+METHODS = FEDERATED_METHODS  # common.registry: the methods with tuned rates (common/defaults.json)
+DEFAULT_MODEL = "taskedge-vit-tiny"  # = common.architectures.DEFAULT_MODEL (tests check), without importing torch
+DEFAULT_TASK = "shapes-downstream"  # = common.data.tasks.DEFAULT_TASK
 
 # option -> run-config key: these options follow the federation's rules (common.settings)
 FEDERATION_RULES = {"budget": "budget", "budget_per_neuron": "budget-per-neuron", "epochs": "local-epochs", "batch_size": "batch-size", "calib": "calib-size",
                     "lr": "lr", "head_lr": "head-lr", "seed": "seed"}
-# this CLI's method -> the registry's method whose tuned rates it uses (common/defaults.json, as the federation)
-TUNED_AS = {"taskedge": "taskedge", "linear": "head-only", "full": "fedavg-full"}
 _SELECTION = tuned.selection()
 
 
 def build_model(args, num_classes: int) -> torch.nn.Module:
     from common.methods import takes_img_size
-    from common.models import EMBEDDED_MODELS, create_embedded, create_model
+    from common.architectures import EMBEDDED_MODELS
+    from common.models import create_embedded, create_model
 
     if args.model in EMBEDDED_MODELS and args.weights is None:
         return create_embedded(num_classes, model=args.model)
@@ -58,7 +58,7 @@ def class_names_of(args) -> list[str]:
         from common.userdata import inspect_data
 
         return list(inspect_data(args.data_path).class_names)
-    from common.data import get_task
+    from common.data.tasks import get_task
 
     return list(get_task(args.task).class_names)
 
@@ -86,7 +86,8 @@ def load_data(args, model=None) -> dict:
         return {"train": (xtr, ytr), "val": tuple(parts["val"][:2]), "test": tuple(parts["test"][:2]),
                 "calib": (xtr[pick], ytr[pick]), "class_names": parts["train"].class_names, "preprocess": pre,
                 "skipped": skipped, "bad": [b for p in parts.values() for b in p.bad][:20]}
-    from common.data import get_task, make_split
+    from common.data.splits import make_split
+    from common.data.tasks import get_task
 
     spec = get_task(args.task)
     return {"train": make_split(spec, "train", n=args.train_size, seed=args.seed), "val": None,
@@ -96,23 +97,16 @@ def load_data(args, model=None) -> dict:
 
 
 def prepare(model, args, calib):
-    """Make the requested parameters trainable; returns the TaskEdge mask (or None)."""
+    """Make `model` the method's trainable model (`common.methods.build_calibrated`, the registry's one build
+    path); returns (model, the TaskEdge mask or None)."""
+    from common.methods import build_calibrated
     from common.taskedge.config import TaskEdgeConfig
     from common.train import batches
-    from common.taskedge.tuner import find_head, get_taskedge_model, mark_trainable
 
-    head = find_head(model)
-    if args.method == "taskedge":
-        cfg = TaskEdgeConfig(budget=args.budget, score=args.score, allocation=args.allocation,
-                             save_dtype=args.save_dtype, seed=args.seed, per_neuron=args.budget_per_neuron or 0.0)
-        _, mask = get_taskedge_model(model, cfg, batches(*calib, batch_size=args.batch_size, shuffle=False))
-        return mask
-    if args.method == "linear":
-        mark_trainable(model, head)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    return None
+    cfg = TaskEdgeConfig(budget=args.budget, score=args.score, allocation=args.allocation,
+                         save_dtype=args.save_dtype, seed=args.seed, per_neuron=args.budget_per_neuron or 0.0)
+    calib_batches = list(batches(*calib, batch_size=args.batch_size, shuffle=False))
+    return build_calibrated(args.method, model, cfg, calib_batches, args.lora_rank, args.seed)
 
 
 def run(args) -> dict:
@@ -143,7 +137,7 @@ def run(args) -> dict:
     print(f"data: {args.data_path or 'task ' + args.task} | classes {len(class_names)} | "
           + " ".join(f"{k} {v}" for k, v in sizes.items()) + f" | input {pre.img_size} px")
     t0 = time.perf_counter()
-    prepare(model, args, data["calib"])
+    model, _mask = prepare(model, args, data["calib"])
     setup_s = time.perf_counter() - t0
     line = print_trainable_parameters(model) if args.method == "taskedge" else None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -176,9 +170,9 @@ def run(args) -> dict:
               "final_test_acc": history[-1]["test_acc"]}
     if args.save_model:
         from common.export import save_model
-        from common.taskedge.tuner import merge_and_unload
+        from common.methods import export
 
-        plain = merge_and_unload(model) if args.method == "taskedge" else model
+        plain = export(args.method, model)
         save_model(plain, args.save_model, model_name=args.model, class_names=class_names, preprocess=pre,
                    extra_meta={"method": args.method, "data": result["data"], "epochs": args.epochs,
                                "final-test-acc": result["final_test_acc"]})
@@ -195,6 +189,14 @@ def fail(message: str):
     """A mistake in the user's model, weights or data: one line on stderr, exit code 2 (no usage text)."""
     print(f"finetune: error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _method(text: str) -> str:
+    """A registered method name; an older spelling (linear, full, lora) resolves to its registered name."""
+    try:
+        return resolve_method(text, METHODS)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("method ")) from None
 
 
 def _positive_int(text: str) -> int:
@@ -218,9 +220,10 @@ def parser() -> argparse.ArgumentParser:
                    help="built-in generated task (default: %(default)s); decides classes and image size")
     p.add_argument("--data-path", default=None, help="your data instead of the built-in task: an ImageFolder (<class>/<images>, optionally under "
                         "train/ val/ test/) or a saved Hugging Face Dataset / DatasetDict (its splits are used)")
-    p.add_argument("--method", choices=METHODS, default="taskedge",
-                   help="taskedge = sparse task-aware entries + head, linear = head only, full = every weight "
-                        "(default: %(default)s)")
+    p.add_argument("--method", type=_method, choices=METHODS, default="taskedge", metavar="METHOD",
+                   help="; ".join(f"{m} = {REGISTERED[m].help}" for m in METHODS) + " (default: %(default)s)")
+    p.add_argument("--lora-rank", type=_positive_int, default=8,
+                   help="rank of fedlora's adapters; of B for taskedge-lora (default: %(default)s)")
     p.add_argument("--budget", type=float, default=_SELECTION["budget"],
                    help="TaskEdge budget: fraction of backbone params in (0, 1), or an integer entry count >= 1 "
                         "(default: %(default)s)")
@@ -283,7 +286,7 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def validate_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """--task and --model need the registries (torch, timm): checked after the cheap checks."""
-    from common.data import TASKS
+    from common.data.tasks import TASKS
 
     if args.task not in TASKS:
         p.error(f"argument --task: unknown task {args.task!r}; choose from {', '.join(sorted(TASKS))}")
@@ -306,9 +309,9 @@ def main(argv=None) -> dict:
     if args.save_model is None:
         args.save_model = str(Path(args.json).with_name(Path(args.json).stem + "_model.safetensors")) if args.json else ""
     if not args.lr:
-        args.lr = tuned.method_lr()[TUNED_AS[args.method]]
+        args.lr = tuned.method_lr()[args.method]
     if not args.head_lr:
-        args.head_lr = tuned.method_head_lr()[TUNED_AS[args.method]]
+        args.head_lr = tuned.method_head_lr()[args.method]
     return run(args)
 
 

@@ -200,11 +200,20 @@ export RAY_TMPDIR="${RAY_TMPDIR:-$SCRATCH/ray}"
 export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=0
 # The app runs from Flower's installed bundle (FAB), which carries no .safetensors: point it at the
-# checkout's shipped backbone so a first run does not pre-train it (common/models.py shipped_weights).
+# checkout's shipped backbone so a first run does not pre-train it (common/backbones.py shipped_weights).
 export TASKEDGE_WEIGHTS_DIR="${TASKEDGE_WEIGHTS_DIR:-$ROOT/common/weights}"
 # Ray: Flower already starts it without the dashboard (include_dashboard=False); this makes Ray pick
 # 127.0.0.1 as the node address instead of the machine's outward IP (ray._private.services).
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}"
+# RAY_ADDRESS set (e.g. RAY_ADDRESS=10.0.0.5:6379 or auto): Ray's own variable, read by the `ray.init` that
+# Flower's simulation calls: the run attaches to that running Ray cluster (docs/deployment.md, "A Ray
+# cluster") instead of starting a private Ray; then the node address is left to Ray (it must match the
+# address of this machine's raylet) and the CPUs are the cluster's (`ray start --num-cpus` on each node).
+INIT_ARGS="init-args-num-cpus=$(nproc)"
+if [[ -n "${RAY_ADDRESS:-}" ]]; then
+  INIT_ARGS=""  # ray.init refuses num_cpus when it attaches to a cluster
+else
+  export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="${RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER:-0}"
+fi
 mkdir -p "$FLWR_HOME" "$RAY_TMPDIR"
 ls -1 "$OUT_DIR" > "$SCRATCH/runs-before" 2>/dev/null
 
@@ -213,14 +222,14 @@ export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT="${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:
 export FLWR_LOCAL_CONTROL_API_PORT="${FLWR_LOCAL_CONTROL_API_PORT:-$(free_port)}"
 
 # ---- 3. the run -----------------------------------------------------------------------------------
-say "FLWR_HOME=$FLWR_HOME port=$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT supernodes=$N"
+say "FLWR_HOME=$FLWR_HOME port=$FLWR_LOCAL_SUPERLINK_HTTP_API_PORT supernodes=$N${RAY_ADDRESS:+ ray-cluster=$RAY_ADDRESS}"
 LOG="$SCRATCH/flwr-run.log"
 : > "$LOG"
 # Own session (Ctrl-C reaches this script, not Flower half-way), a marker every child inherits, and
 # the session id written down for the cleanup.
 TASKEDGE_RUN_SCRATCH="$SCRATCH" setsid -w bash -c 'echo $$ > "$0"; exec "$@"' "$SCRATCH/flwr.sid" \
   flwr run . --stream \
-  --federation-config "num-supernodes=$N client-resources-num-cpus=1 init-args-num-cpus=$(nproc)" \
+  --federation-config "num-supernodes=$N client-resources-num-cpus=1${INIT_ARGS:+ $INIT_ARGS}" \
   --run-config "$RUN_CONFIG" "$@" > "$LOG" 2>&1 < /dev/null &
 FLWR_PID=$!
 tail -n +1 -s 0.2 -f --pid="$FLWR_PID" "$LOG" &

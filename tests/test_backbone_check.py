@@ -18,7 +18,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from safetensors.torch import load_file, save_file
 
 from client.client_app import create_app
+from common import backbones as B
 from common import models as M
+from common.architectures import DEFAULT_MODEL
+from common.data.tasks import UPSTREAM_TASK
 from common.methods import pretrained_base
 from common.settings import parse_run_config
 from server.inprocess import InProcessGrid
@@ -26,8 +29,8 @@ from server.privacy import Privacy
 from server.recorder import RoundLog
 from server.runner import run_federation
 
-FNAME, SHA = M.EMBEDDED_WEIGHTS[M.DEFAULT_MODEL]
-SHIPPED = Path(M.__file__).resolve().parent / "weights" / FNAME
+FNAME, SHA = B.EMBEDDED_WEIGHTS[DEFAULT_MODEL]
+SHIPPED = Path(B.__file__).resolve().parent / "weights" / FNAME
 
 
 def _cfg(tmp_path, **kw):
@@ -58,13 +61,13 @@ def _node_weights(node: int, path: str):
 
 
 def _fp(path: str) -> str:
-    return M.backbone_fingerprint(M.create_model(M.DEFAULT_MODEL, num_classes=10, weights=path))
+    return M.backbone_fingerprint(M.create_model(DEFAULT_MODEL, num_classes=10, weights=path))
 
 
 # ------------------------------------------------------------------ the fingerprint
 def test_fingerprint_is_stable_across_builds_and_changes_with_one_entry(weights):
-    a = M.create_model(M.DEFAULT_MODEL, num_classes=10, weights=weights)
-    b = M.create_model(M.DEFAULT_MODEL, num_classes=3, weights=weights)  # another head: not part of the backbone
+    a = M.create_model(DEFAULT_MODEL, num_classes=10, weights=weights)
+    b = M.create_model(DEFAULT_MODEL, num_classes=3, weights=weights)  # another head: not part of the backbone
     fp = M.backbone_fingerprint(a)
     assert len(fp) == 64 and M.backbone_fingerprint(b) == fp
     assert M.backbone_fingerprint(a) == fp  # cached
@@ -75,7 +78,7 @@ def test_fingerprint_is_stable_across_builds_and_changes_with_one_entry(weights)
         a.blocks[0].attn.qkv.weight[0, 0] += 1e-6  # in place on the same object: the cache notices
     changed = M.backbone_fingerprint(a)
     assert changed != fp
-    c = M.create_model(M.DEFAULT_MODEL, num_classes=10, weights=weights)
+    c = M.create_model(DEFAULT_MODEL, num_classes=10, weights=weights)
     c.load_state_dict(a.state_dict())
     assert M.backbone_fingerprint(c) == changed
     assert M.backbone_fingerprint(c.to(torch.float64)) != changed  # dtype is part of it
@@ -126,20 +129,20 @@ def test_same_backbone_is_not_refused_and_the_query_carries_the_fingerprint(weig
 @pytest.fixture
 def no_shipped(tmp_path, monkeypatch):
     """As in a FAB on a machine without the project: nothing beside the module, no variable, no distribution."""
-    monkeypatch.setattr(M, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")
-    monkeypatch.delenv(M.WEIGHTS_ENV, raising=False)
-    monkeypatch.delenv(M.ALLOW_PRETRAIN_ENV, raising=False)
-    monkeypatch.setattr(M, "installed_weights", lambda model=M.DEFAULT_MODEL: None)
+    monkeypatch.setattr(B, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")
+    monkeypatch.delenv(B.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(B.ALLOW_PRETRAIN_ENV, raising=False)
+    monkeypatch.setattr(B, "installed_weights", lambda model=DEFAULT_MODEL: None)
     monkeypatch.setenv("TASKEDGE_CACHE", str(tmp_path / "cache"))
     calls = []
 
-    def fake_pretrain(model=M.DEFAULT_MODEL, task=M.UPSTREAM_TASK, out=None, progress=True, device="cpu"):
+    def fake_pretrain(model=DEFAULT_MODEL, task=UPSTREAM_TASK, out=None, progress=True, device="cpu"):
         calls.append((model, task))
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SHIPPED, out)
         return str(out)
 
-    monkeypatch.setattr(M, "pretrain", fake_pretrain)
+    monkeypatch.setattr(B, "pretrain", fake_pretrain)
     pretrained_base.cache_clear()
     yield calls
     pretrained_base.cache_clear()
@@ -147,20 +150,20 @@ def no_shipped(tmp_path, monkeypatch):
 
 def test_missing_shipped_weights_fail_at_once_naming_the_variable(no_shipped, tmp_path, monkeypatch):
     t0 = time.perf_counter()
-    with pytest.raises(M.MissingWeightsError) as err:
+    with pytest.raises(B.MissingWeightsError) as err:
         M.create_embedded(num_classes=10)
     msg = str(err.value)
     assert time.perf_counter() - t0 < 5 and "\n" not in msg
     assert "TASKEDGE_WEIGHTS_DIR" in msg and FNAME in msg and "pretrain_backbone" in msg
     assert no_shipped == [] and not (tmp_path / "cache").exists()  # nothing pre-trained, nothing cached
     # pre-training stays possible when asked for: the argument, or the variable
-    assert Path(M.embedded_backbone(allow_pretrain=True, progress=False)).is_file() and len(no_shipped) == 1
-    monkeypatch.setenv(M.ALLOW_PRETRAIN_ENV, "1")
-    assert Path(M.embedded_backbone(progress=False)).is_file()
+    assert Path(B.embedded_backbone(allow_pretrain=True, progress=False)).is_file() and len(no_shipped) == 1
+    monkeypatch.setenv(B.ALLOW_PRETRAIN_ENV, "1")
+    assert Path(B.embedded_backbone(progress=False)).is_file()
     # other upstream tasks pre-train on first use as before (tests and benchmarks rely on it)
-    monkeypatch.delenv(M.ALLOW_PRETRAIN_ENV)
-    M.embedded_backbone("shapes-downstream", progress=False)
-    assert no_shipped[-1] == (M.DEFAULT_MODEL, "shapes-downstream")
+    monkeypatch.delenv(B.ALLOW_PRETRAIN_ENV)
+    B.embedded_backbone("shapes-downstream", progress=False)
+    assert no_shipped[-1] == (DEFAULT_MODEL, "shapes-downstream")
 
 
 def test_deployed_apps_without_weights_fail_naming_the_variable(no_shipped, tmp_path):
@@ -172,7 +175,7 @@ def test_deployed_apps_without_weights_fail_naming_the_variable(no_shipped, tmp_
     assert reply.has_error() and "TASKEDGE_WEIGHTS_DIR" in reply.error.reason
     # the ServerApp: the run stops at its first use of the backbone, naming the variable
     t0 = time.perf_counter()
-    with pytest.raises(M.MissingWeightsError, match="TASKEDGE_WEIGHTS_DIR"):
+    with pytest.raises(B.MissingWeightsError, match="TASKEDGE_WEIGHTS_DIR"):
         run_federation(grid, cfg)
     assert time.perf_counter() - t0 < 60 and no_shipped == []
 
@@ -188,9 +191,9 @@ def _site(tmp_path: Path, monkeypatch, direct_url: str | None = None, record: li
     if direct_url is not None:
         (info / "direct_url.json").write_text(json.dumps({"url": direct_url, "dir_info": {"editable": True}}))
     monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(M, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")  # a FAB: nothing beside it
-    monkeypatch.delenv(M.WEIGHTS_ENV, raising=False)
-    monkeypatch.delenv(M.ALLOW_PRETRAIN_ENV, raising=False)
+    monkeypatch.setattr(B, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")  # a FAB: nothing beside it
+    monkeypatch.delenv(B.WEIGHTS_ENV, raising=False)
+    monkeypatch.delenv(B.ALLOW_PRETRAIN_ENV, raising=False)
     return site
 
 
@@ -199,16 +202,16 @@ def test_editable_install_weights_are_found_from_a_fab(tmp_path, monkeypatch):
     (checkout / "common" / "weights").mkdir(parents=True)
     shutil.copy(SHIPPED, checkout / "common" / "weights" / FNAME)
     _site(tmp_path, monkeypatch, direct_url=checkout.as_uri())
-    assert M.shipped_weights() == checkout / "common" / "weights" / FNAME
-    assert M.embedded_backbone(progress=False) == str(checkout / "common" / "weights" / FNAME)
+    assert B.shipped_weights() == checkout / "common" / "weights" / FNAME
+    assert B.embedded_backbone(progress=False) == str(checkout / "common" / "weights" / FNAME)
 
 
 def test_wheel_install_weights_are_found_from_a_fab(tmp_path, monkeypatch):
     site = _site(tmp_path, monkeypatch, record=[f"common/weights/{FNAME}"])
     (site / "common" / "weights").mkdir(parents=True)
     shutil.copy(SHIPPED, site / "common" / "weights" / FNAME)
-    assert M.installed_weights() == site / "common" / "weights" / FNAME
-    assert M.shipped_weights() == site / "common" / "weights" / FNAME
+    assert B.installed_weights() == site / "common" / "weights" / FNAME
+    assert B.shipped_weights() == site / "common" / "weights" / FNAME
 
 
 def test_installed_weights_with_another_hash_are_not_used(tmp_path, monkeypatch):
@@ -218,6 +221,6 @@ def test_installed_weights_with_another_hash_are_not_used(tmp_path, monkeypatch)
     sd["blocks.0.attn.qkv.weight"][0, 0] += 1.0  # a re-trained file: other bits
     save_file(sd, str(checkout / "common" / "weights" / FNAME))
     _site(tmp_path, monkeypatch, direct_url=checkout.as_uri())
-    assert M.installed_weights() is None and M.shipped_weights() is None
-    with pytest.raises(M.MissingWeightsError, match="TASKEDGE_WEIGHTS_DIR"):
-        M.embedded_backbone(progress=False)
+    assert B.installed_weights() is None and B.shipped_weights() is None
+    with pytest.raises(B.MissingWeightsError, match="TASKEDGE_WEIGHTS_DIR"):
+        B.embedded_backbone(progress=False)

@@ -7,25 +7,25 @@ import pytest
 
 
 def test_training_split_is_larger_inside_and_restored_after():
-    import common.data as data
+    from common.data.splits import make_split
     import common.partition as P
     from benchmarks.bench_dp_scale import partition_sizes, prepare_partitions, training_split
 
-    before = P._partition_tensors
+    before = P.partition_tensors
     with training_split(6 * 32):
         sizes = partition_sizes("shapes-downstream", 6, 0.5, 0)
         x, y = P.make_split("shapes-downstream", "train")
         assert len(x) == len(y) == 6 * 32 == sum(sizes) and min(sizes) >= 10  # the partitioner's own floor
         assert len(P.make_split("shapes-downstream", "test", n=50)[0]) == 50  # other splits pass through
         # the larger split starts with the built-in split (one seeded stream): the same examples, more of them
-        x0, y0 = data.make_split("shapes-downstream", "train", n=100)
+        x0, y0 = make_split("shapes-downstream", "train", n=100)
         assert bool((x[:100] == x0).all()) and bool((y[:100] == y0).all())
         assert prepare_partitions("shapes-downstream", 6, 0.5, 0) == sizes
-        hits = P._partition_tensors.cache_info().hits
+        hits = P.partition_tensors.cache_info().hits
         local = P.load_local_data("shapes-downstream", 5, 6, test_fraction=0.0, calib_size=16)
-        assert len(local.x_train) == sizes[5] and P._partition_tensors.cache_info().hits == hits + 1  # prepared
-    assert P.make_split is data.make_split and P._partition_tensors is before
-    assert P._partitioned.cache_info().currsize == 0  # nothing of the larger split stays cached
+        assert len(local.x_train) == sizes[5] and P.partition_tensors.cache_info().hits == hits + 1  # prepared
+    assert P.make_split is make_split and P.partition_tensors is before
+    assert P.partitioned.cache_info().currsize == 0  # nothing of the larger split stays cached
 
 
 @pytest.mark.slow

@@ -17,13 +17,13 @@ FAST = ["--steps", "1", "--warmup", "1", "--reps", "2", "--calib-repeats", "1", 
 def _check_schema(res, model, importance=True):
     """The documented schema; importance_pass is present exactly when it was not switched off."""
     assert res["model"] == model and res["batch"] == 2
-    assert set(res["methods"]) == {"floor", "taskedge", "lora", "full"}
+    assert set(res["methods"]) == {"floor", "taskedge", "fedlora", "fedavg-full"}
     for name, m in res["methods"].items():
         assert set(m) == METHOD_KEYS, name
     fl = res["methods"]["floor"]
     assert fl["step_ratio"] == pytest.approx(1.0) and fl["mem_ratio"] == pytest.approx(1.0)
     assert fl["trainable"] == 0
-    te, lora, full = (res["methods"][k] for k in ("taskedge", "lora", "full"))
+    te, lora, full = (res["methods"][k] for k in ("taskedge", "fedlora", "fedavg-full"))
     assert 0 < te["trainable"] < lora["trainable"] < full["trainable"]
     # full fine-tuning keeps gradients + AdamW state of every weight: strictly the most memory, and at least
     # weights + gradients + two AdamW moments of every parameter (4 x 4 bytes each; peak_mb >= bytes / 2^20)

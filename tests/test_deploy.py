@@ -9,39 +9,38 @@ The slow tests start real processes: `deploy/make_certs.sh` certificates, `flowe
 `--enable-supernode-auth`, its own FLWR_HOME, working directory and database, on 127.0.0.1), the Fleet-only
 `deploy/fleet_gateway.py` the SuperNodes connect through, `flwr supernode register` per node key (the CLI
 talks to the SuperLink directly, as on the server or through an SSH tunnel), three `flower-supernode`s,
-and runs submitted with `flwr run . <connection> --stream` (via `deploy/run.sh` where the test says so). Every process they start carries TASKEDGE_DEPLOY_TEST=<tmp dir> in its environment;
+and runs submitted with `flwr run . <connection> --stream` (via `deploy/run.sh` where the test says so), through
+`benchmarks/local_deployment.py`'s `Deployment` (shared with benchmarks/bench_fleet_deploy.py). Every process
+they start carries TASKEDGE_DEPLOY_TEST=<tmp dir> in its environment;
 the fixture stops all of them (the started PIDs, their descendants, and anything else with that marker)
 in a `finally` and asserts that none is left. They use the warm model cache (~/.cache/taskedge-fl or
 $TASKEDGE_CACHE) and skip when the embedded backbone is not cached (nothing pre-trains here).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from benchmarks.local_deployment import BIN, CONN, REPO, RUN_TIMEOUT, Deployment
+from benchmarks.local_deployment import free_port as _free_port
+from benchmarks.local_deployment import kill as _kill
+from benchmarks.local_deployment import marked as _marked
+from benchmarks.local_deployment import tree as _tree
+from benchmarks.local_deployment import wait_for as _wait
 from client.client_app import app as client_app
 from common.settings import parse_run_config
 from server.inprocess import InProcessGrid
 from server.messages import stamp, wait_for_nodes
 from server.runner import run_federation
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: flwr, flower-superlink, flower-supernode
-CONN = "taskedge-test"
 BASE_CONFIG = "num-server-rounds=2 min-nodes=3 local-epochs=1 server-test-size=200"
-RUN_TIMEOUT = 1200  # s, per run, on a shared 2-core machine
 
 
 # --------------------------------------------------------------------------------------------------
@@ -143,296 +142,15 @@ def test_wait_for_nodes_logs_every_interval_and_times_out(caplog):
         wait_for_nodes(Grid(), 3, timeout=0.3, what="min-replies")
 
 
-# --------------------------------------------------------------------------------------------------
-# processes
-# --------------------------------------------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ppids() -> dict[int, int]:
-    out = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-                out[int(d.name)] = int(stat[stat.rindex(")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
-def _tree(pids) -> set[int]:
-    """The given PIDs and all their live descendants."""
-    ppid = _ppids()
-    keep = {p for p in pids if _alive(p)}
-    grown = True
-    while grown:
-        new = {p for p, pp in ppid.items() if pp in keep and p not in keep and _alive(p)}
-        keep |= new
-        grown = bool(new)
-    return keep
-
-
-def _marked(mark: str) -> set[int]:
-    """Live processes whose environment carries TASKEDGE_DEPLOY_TEST=<mark> (everything this test started)."""
-    needle = f"TASKEDGE_DEPLOY_TEST={mark}".encode()
-    out = set()
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit() and int(d.name) != os.getpid():
-            try:
-                if needle in (d / "environ").read_bytes().split(b"\0") and _alive(int(d.name)):
-                    out.add(int(d.name))
-            except OSError:
-                pass
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:160]
-    except OSError:
-        return "?"
-
-
-def _kill(pids, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after `grace` s, to each PID (never by name)."""
-    pids = {p for p in pids if _alive(p)}
-    for p in pids:
-        with _suppress():
-            os.kill(p, signal.SIGTERM)
-    end = time.monotonic() + grace
-    while time.monotonic() < end and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    for p in pids:
-        if _alive(p):
-            with _suppress():
-                os.kill(p, signal.SIGKILL)
-
-
-def _suppress():
-    """A process may be gone already (or not gone yet): neither is an error while stopping things."""
-    return contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired)
-
-
-def _wait(pred, timeout: float, what: str, every: float = 1.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-# --------------------------------------------------------------------------------------------------
-# the deployment
-# --------------------------------------------------------------------------------------------------
-
-class Deployment:
-    """One SuperLink (TLS + node auth) and N SuperNodes on 127.0.0.1, as the README's Deployment section."""
-
-    def __init__(self, root: Path, nodes: int = 3):
-        self.root, self.n, self.mark = root, nodes, str(root)
-        self.port, self.gw_port = _free_port(), _free_port()  # SuperLink (127.0.0.1 only), Fleet gateway
-        self.node_ports = [_free_port() for _ in range(nodes)]
-        self.certs, self.link_dir, self.cli_home = root / "certs", root / "link", root / "cli"
-        self.env = {**os.environ, "TASKEDGE_DEPLOY_TEST": self.mark, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "HF_HUB_OFFLINE": "1",
-                    "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                    # the apps run from Flower's bundle, which carries no .safetensors: the shipped backbone
-                    "TASKEDGE_WEIGHTS_DIR": str(Path(__file__).resolve().parents[1] / "common" / "weights")}
-        self.started: list[subprocess.Popen] = []  # every process started, restarts included
-        self.procs: dict[str, subprocess.Popen] = {}  # the latest one per name
-        self.node_ids: dict[int, int] = {}  # partition -> node id
-
-    # -- plumbing --------------------------------------------------------------------------------
-    def log(self, name: str) -> Path:
-        return self.root / f"{name}.log"
-
-    def _spawn(self, name: str, cmd: list, cwd: Path, home: Path) -> subprocess.Popen:
-        cwd.mkdir(parents=True, exist_ok=True)
-        home.mkdir(parents=True, exist_ok=True)
-        with open(self.log(name), "ab") as out:
-            proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, env={**self.env, "FLWR_HOME": str(home)},
-                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        self.procs[name] = proc
-        self.started.append(proc)
-        return proc
-
-    def flwr(self, *args, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-        res = subprocess.run([str(BIN / "flwr"), *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                             env={**self.env, "FLWR_HOME": str(self.cli_home)}, timeout=timeout)
-        if check and res.returncode != 0:
-            raise AssertionError(f"flwr {' '.join(map(str, args))} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
-        return res
-
-    # -- components --------------------------------------------------------------------------------
-    def make_certs(self) -> None:
-        subprocess.run(["bash", str(REPO / "deploy" / "make_certs.sh"), "-o", str(self.certs), "-n", str(self.n)],
-                       check=True, capture_output=True, env=self.env, timeout=120)
-
-    def start_superlink(self) -> None:
-        c = self.certs
-        self._spawn("superlink", [BIN / "flower-superlink", "--ssl-ca-certfile", c / "ca.crt",
-                                  "--ssl-certfile", c / "server.pem", "--ssl-keyfile", c / "server.key",
-                                  "--enable-supernode-auth", "--host", "127.0.0.1", "--port", self.port,
-                                  "--database", self.link_dir / "state.db",
-                                  "--disable-runtime-dependency-installation"],
-                    cwd=self.link_dir, home=self.link_dir / "flwr-home")
-
-        def up():
-            assert self.procs["superlink"].poll() is None, self.log("superlink").read_text()[-3000:]
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-        _wait(up, 120, "the SuperLink's port", every=0.5)
-
-    def start_gateway(self) -> None:
-        """deploy/fleet_gateway.py: the only address SuperNodes use; it forwards the Fleet API alone."""
-        c = self.certs
-        self._spawn("gateway", [sys.executable, REPO / "deploy" / "fleet_gateway.py",
-                                "--listen", f"127.0.0.1:{self.gw_port}", "--superlink", f"127.0.0.1:{self.port}",
-                                "--ssl-certfile", c / "server.pem", "--ssl-keyfile", c / "server.key",
-                                "--root-certificates", c / "ca.crt"], cwd=self.root / "gateway", home=self.root / "gateway")
-
-        def up():
-            assert self.procs["gateway"].poll() is None, self.log("gateway").read_text()[-3000:]
-            with socket.socket() as s:
-                return s.connect_ex(("127.0.0.1", self.gw_port)) == 0
-
-        _wait(up, 60, "the gateway's port", every=0.5)
-
-    def kill_superlink(self) -> set[int]:
-        """SIGKILL the SuperLink and everything under it (its SuperExec and the ServerApp)."""
-        tree = _tree([self.procs["superlink"].pid])
-        for p in tree:
-            with _suppress():
-                os.kill(p, signal.SIGKILL)
-        self.procs["superlink"].wait(30)
-        _wait(lambda: not any(_alive(p) for p in tree), 30, "the SuperLink's processes to die", every=0.2)
-        return tree
-
-    def write_connection(self) -> None:
-        self.cli_home.mkdir(parents=True, exist_ok=True)
-        (self.cli_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONN}"\n\n[superlink.{CONN}]\naddress = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n\n'
-            f'[superlink.via-gateway]\naddress = "127.0.0.1:{self.gw_port}"\n'
-            f'root-certificates = "{self.certs / "ca.crt"}"\n')
-
-    def register(self, i: int) -> None:
-        res = self.flwr("supernode", "register", self.certs / "keys" / f"node{i + 1}.pub", CONN, "--format", "json")
-        self.node_ids[i] = int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
-
-    def start_supernode(self, i: int) -> None:
-        self._spawn(f"supernode{i}", [BIN / "flower-supernode", "--root-certificates", self.certs / "ca.crt",
-                                      "--superlink", f"127.0.0.1:{self.gw_port}", "--port", self.node_ports[i],
-                                      "--node-config", f"partition-id={i} num-partitions={self.n}",
-                                      "--auth-supernode-private-key", self.certs / "keys" / f"node{i + 1}"],
-                    cwd=self.root / f"sn{i}", home=self.root / f"sn{i}" / "flwr-home")
-
-    def kill_supernode(self, i: int) -> float:
-        """SIGKILL a SuperNode and its SuperExec/ClientApp (a device that loses power); returns the time."""
-        tree = _tree([self.procs[f"supernode{i}"].pid])
-        for p in tree:
-            with _suppress():
-                os.kill(p, signal.SIGKILL)
-        t = time.monotonic()
-        self.procs[f"supernode{i}"].wait(30)
-        return t
-
-    def online(self) -> set[int]:
-        res = self.flwr("supernode", "ls", CONN, "--format", "json", check=False)
-        try:
-            doc = json.loads(res.stdout[res.stdout.index("{"):])
-        except ValueError:
-            return set()
-        return {int(n["node-id"]) for n in doc.get("nodes", []) if n.get("status") == "online"}
-
-    def wait_online(self, partitions=None, timeout: float = 180) -> None:
-        want = {self.node_ids[i] for i in (range(self.n) if partitions is None else partitions)}
-        _wait(lambda: want <= self.online(), timeout, f"nodes {sorted(want)} to be online", every=2)
-
-    def up(self) -> None:
-        self.make_certs()
-        self.start_superlink()
-        self.start_gateway()
-        self.write_connection()  # the connection first: `flwr supernode register` needs it
-        for i in range(self.n):
-            self.register(i)     # before the SuperNode starts: an unregistered one exits (code 305)
-        for i in range(self.n):
-            self.start_supernode(i)
-        self.wait_online()
-
-    # -- runs ----------------------------------------------------------------------------------------
-    def submit(self, name: str, run_config: str) -> subprocess.Popen:
-        """`flwr run . <connection> --run-config ... --stream` in the background (log: <name>.log)."""
-        return self._spawn(name, [BIN / "flwr", "run", ".", CONN, "--run-config", run_config, "--stream"],
-                           cwd=REPO, home=self.cli_home)
-
-    def run_id(self, name: str, timeout: float = 300) -> int:
-        def found():
-            m = re.search(r"Successfully started run (\d+)", self.log(name).read_text())
-            return int(m.group(1)) if m else None
-
-        return _wait(found, timeout, f"the run id in {name}.log")
-
-    def status(self, run_id: int) -> str:
-        res = self.flwr("ls", CONN, "--run-id", run_id, "--format", "json", check=False)
-        try:
-            return json.loads(res.stdout[res.stdout.index("{"):])["runs"][0]["status"]
-        except (ValueError, KeyError, IndexError):
-            return ""
-
-    def wait_finished(self, run_id: int, timeout: float = RUN_TIMEOUT) -> str:
-        return _wait(lambda: (s := self.status(run_id)).startswith("finished") and s, timeout,
-                     f"run {run_id} to finish", every=5)
-
-    # -- teardown ------------------------------------------------------------------------------------
-    def _ours(self) -> set[int]:
-        # PIDs of started processes not yet reaped (a reaped PID may belong to someone else by now),
-        # their descendants, and every process that inherited this deployment's marker.
-        return _tree([p.pid for p in self.started if p.poll() is None]) | _marked(self.mark)
-
-    def stop(self) -> list[str]:
-        """Stop every process this deployment started (PIDs, their descendants, the marker); what is left."""
-        for _ in range(3):
-            pids = self._ours()
-            if not pids:
-                break
-            _kill(pids)
-            for proc in self.started:
-                with _suppress():
-                    proc.wait(0.1)
-        left = self._ours()
-        return [f"{p}: {_cmdline(p)}" for p in sorted(left) if _alive(p)]
-
-
 def _backbone_ready() -> bool:
     """The embedded backbone's weights exist (shipped with the package, or in the warm model cache)."""
-    import common.models as models
-    from common.data import get_task
+    from common.architectures import DEFAULT_MODEL
+    from common.backbones import pretrained_weights_path, shipped_weights
+    from common.data.tasks import UPSTREAM_TASK, get_task
 
-    shipped = getattr(models, "shipped_weights", None)
-    if shipped is not None and shipped() is not None:
+    if shipped_weights() is not None:
         return True
-    import common.data as data
-
-    task = getattr(data, "UPSTREAM_TASK", "shapes-upstream")
-    return models.pretrained_weights_path(models.DEFAULT_MODEL, get_task(task)).exists()
+    return pretrained_weights_path(DEFAULT_MODEL, get_task(UPSTREAM_TASK)).exists()
 
 
 @pytest.fixture(scope="module")
@@ -548,7 +266,7 @@ def test_unregistered_supernode_is_refused(deployment):
     dep = deployment
     key = dep.root / "stranger"
     subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-b", "384", "-N", "", "-f", str(key)], check=True)
-    proc = dep._spawn("stranger", [BIN / "flower-supernode", "--root-certificates", dep.certs / "ca.crt",
+    proc = dep.spawn("stranger", [BIN / "flower-supernode", "--root-certificates", dep.certs / "ca.crt",
                                    "--superlink", f"127.0.0.1:{dep.gw_port}", "--port", _free_port(),
                                    "--auth-supernode-private-key", key], cwd=dep.root / "stranger-sn",
                       home=dep.root / "stranger-sn")

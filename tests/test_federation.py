@@ -206,7 +206,7 @@ def test_checkpoint_roundtrip(tmp_path):
 # ---------------------------------------------------------------- client data
 def test_partitions_iid_and_dirichlet():
     from common.partition import load_local_data, partition_labels
-    from common.data import get_task
+    from common.data.tasks import get_task
 
     n = get_task("shapes-downstream").train_size
     iid = partition_labels("shapes-downstream", "iid", 4, 0.5, 0)

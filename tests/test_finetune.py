@@ -12,7 +12,8 @@ def test_taskedge_beats_linear_probe(tmp_path):
     from simulations.finetune import main
 
     common = ["--epochs", "3", "--quiet", "--train-size", "1500", "--calib", "128"]
-    probe = main(common + ["--method", "linear", "--json", str(tmp_path / "linear.json")])
+    probe = main(common + ["--method", "linear", "--json", str(tmp_path / "linear.json")])  # the older spelling
+    assert probe["config"]["method"] == "head-only"  # resolved by common.registry
     te = main(common + ["--method", "taskedge", "--json", str(tmp_path / "taskedge.json")])
     saved = json.loads((tmp_path / "taskedge.json").read_text())
     assert saved["history"][-1]["test_acc"] == te["final_test_acc"]
@@ -22,8 +23,8 @@ def test_taskedge_beats_linear_probe(tmp_path):
 
 def test_cli_defaults_match_the_library():
     """finetune keeps its defaults as literals (no torch import for --help); they must stay in sync."""
-    from common.data import DEFAULT_TASK
-    from common.models import DEFAULT_MODEL, EMBEDDED_MODELS
+    from common.architectures import DEFAULT_MODEL, EMBEDDED_MODELS
+    from common.data.tasks import DEFAULT_TASK
     from simulations import finetune
 
     assert finetune.DEFAULT_MODEL == DEFAULT_MODEL

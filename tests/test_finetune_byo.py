@@ -63,12 +63,12 @@ def test_finetune_on_an_image_folder_saves_a_model_that_loads_back(tiny):
 def test_a_dataset_dicts_own_test_split_is_used(tmp_path):
     import datasets
 
-    from common import data as D
+    from common.data.loading import to_hf_dataset
 
-    parts = {s: D.to_hf_dataset(torch.rand(n, 3, 16, 16), torch.arange(n) % 2, ["no", "yes"])
+    parts = {s: to_hf_dataset(torch.rand(n, 3, 16, 16), torch.arange(n) % 2, ["no", "yes"])
              for s, n in (("train", 20), ("test", 8))}
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
-    res = main(["--method", "linear", "--data-path", str(tmp_path / "hf"), "--epochs", "1", "--quiet",
+    res = main(["--method", "head-only", "--data-path", str(tmp_path / "hf"), "--epochs", "1", "--quiet",
                 "--json", str(tmp_path / "r.json")])
     assert res["class_names"] == ["no", "yes"]
     assert res["splits"] == {"train": 18, "val": 2, "test": 8}  # the 8-row test split; validation carved from train
@@ -77,7 +77,7 @@ def test_a_dataset_dicts_own_test_split_is_used(tmp_path):
 
 def test_the_progress_bar_shows_each_epoch(tiny, tmp_path, capsys):
     d, data = tiny
-    main(["--method", "linear", "--data-path", str(data), "--epochs", "2", "--batch-size", "8",
+    main(["--method", "head-only", "--data-path", str(data), "--epochs", "2", "--batch-size", "8",
           "--json", str(tmp_path / "r.json"), "--save-model", ""])
     err = capsys.readouterr().err
     assert "epoch 1/2" in err and "epoch 2/2" in err and "epoch 1/1" not in err
@@ -93,7 +93,7 @@ def test_a_stock_vit_gets_its_224_px_input(tmp_path):
     save_file(timm.create_model("vit_tiny_patch16_224").state_dict(), str(tmp_path / "vit.safetensors"))
     data = image_folder(tmp_path / "imgs", ["a", "b"], per_class=4, size=(20, 30))
     res = main(["--model", "vit_tiny_patch16_224", "--weights", str(tmp_path / "vit.safetensors"), "--data-path",
-                str(data), "--method", "linear", "--epochs", "1", "--quiet", "--json", str(tmp_path / "r.json")])
+                str(data), "--method", "head-only", "--epochs", "1", "--quiet", "--json", str(tmp_path / "r.json")])
     assert res["preprocess"] == resolve_preprocess("vit_tiny_patch16_224").to_dict()
     assert res["preprocess"]["img_size"] == 224 and res["preprocess"]["crop_pct"] == 0.9
     assert res["splits"] == {"train": 5, "val": 1, "test": 2}
@@ -175,7 +175,7 @@ def test_mistakes_are_one_line_on_stderr_with_exit_code_2(tiny, tmp_path, capsys
         (["--model", "resnet18", "--weights", str(tmp_path / "w.png")], f"argument --weights '{tmp_path}/w.png': an image"),
         (["--model", "resnet18", "--weights", str(tmp_path / "none.pth")], "no such file"),
         (["--model", "resnet18", "--weights", weights], "does not fit resnet18: of 120 model tensors, 64 missing"),
-        (["--model", "resnet10t", "--weights", weights, "--data-path", str(bad), "--method", "linear"],
+        (["--model", "resnet10t", "--weights", weights, "--data-path", str(bad), "--method", "head-only"],
          f"argument --data-path '{bad}': no readable image among"),
         (["--model", "resnet10t", "--data-path", str(data), "--batch-size", "1"], "argument --batch-size: 1 with"),
     ]

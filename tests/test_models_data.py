@@ -1,4 +1,5 @@
-"""Tests for the embedded offline default: procedural data (common.data) and the model factory (common.models)."""
+"""Tests for the embedded offline default: procedural data (common.data) and the model factory (common.models,
+common.backbones)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # nothing here may touch the network
 
 import numpy as np
 import pytest
+import timm
 import torch
 from torch import nn
 
-from common import data as D
+from common import backbones as B
+from common.architectures import DEFAULT_MODEL
+from common.data.loading import from_hf_dataset, load_image_folder, to_hf_dataset
+from common.data.splits import cache_dir, make_split
+from common.data.tasks import SPLITS, SUITE, TASKS, get_task
 from common import models as M
 from common.taskedge.tuner import find_head
 
@@ -30,23 +36,23 @@ def _hashes(x: torch.Tensor) -> set[str]:
 
 # ------------------------------------------------------------------ data
 def test_tasks_are_listed_and_unknown_names_fail():
-    assert set(D.TASKS) == {"shapes-upstream", "glyphs-upstream", "upstream-mix", *D.SUITE}
-    assert D.get_task().name == "shapes-downstream"
+    assert set(TASKS) == {"shapes-upstream", "glyphs-upstream", "upstream-mix", *SUITE}
+    assert get_task().name == "shapes-downstream"
     with pytest.raises(ValueError, match="no-such-task") as err:
-        D.get_task("no-such-task")
+        get_task("no-such-task")
     assert "shapes-upstream" in str(err.value)  # lists the allowed names
 
 
 def test_up_and_downstream_classes_differ():
-    up, down = D.get_task("shapes-upstream"), D.get_task("shapes-downstream")
+    up, down = get_task("shapes-upstream"), get_task("shapes-downstream")
     assert not set(up.class_names) & set(down.class_names)
     assert up.image_size == down.image_size == 32
 
 
 @pytest.mark.parametrize("task", ["shapes-upstream", "shapes-downstream"])
 def test_split_shapes_dtypes_labels(tmp_cache, task):
-    spec = D.get_task(task)
-    x, y = D.make_split(task, "train", n=120)
+    spec = get_task(task)
+    x, y = make_split(task, "train", n=120)
     assert x.shape == (120, 3, spec.image_size, spec.image_size) and x.dtype == torch.float32
     assert y.shape == (120,) and y.dtype == torch.int64
     assert 0 <= int(y.min()) and int(y.max()) < spec.num_classes
@@ -57,60 +63,60 @@ def test_split_shapes_dtypes_labels(tmp_cache, task):
 def test_generation_is_deterministic_and_seeded(tmp_cache):
     import shutil
 
-    a = D.make_split(D.get_task(), "train", 64, seed=3)
-    shutil.rmtree(D.cache_dir() / "data")  # drawn again, not read back from the cache
-    b = D.make_split(D.get_task(), "train", 64, seed=3)
-    c = D.make_split(D.get_task(), "train", 64, seed=4)
+    a = make_split(get_task(), "train", 64, seed=3)
+    shutil.rmtree(cache_dir() / "data")  # drawn again, not read back from the cache
+    b = make_split(get_task(), "train", 64, seed=3)
+    c = make_split(get_task(), "train", 64, seed=4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], c[0])
 
 
 def test_smaller_n_is_a_prefix(tmp_cache):
-    x_small, y_small = D.make_split("shapes-downstream", "test", n=50)
-    x_big, y_big = D.make_split("shapes-downstream", "test", n=700)
+    x_small, y_small = make_split("shapes-downstream", "test", n=50)
+    x_big, y_big = make_split("shapes-downstream", "test", n=700)
     assert torch.equal(x_small, x_big[:50]) and torch.equal(y_small, y_big[:50])
 
 
 def test_splits_are_disjoint(tmp_cache):
-    hashes = {s: _hashes(D.make_split("shapes-downstream", s, n=200)[0]) for s in D.SPLITS}
+    hashes = {s: _hashes(make_split("shapes-downstream", s, n=200)[0]) for s in SPLITS}
     assert not hashes["train"] & hashes["calib"]
     assert not hashes["train"] & hashes["test"]
     assert not hashes["calib"] & hashes["test"]
 
 
 def test_cache_is_npz_and_reused(tmp_cache):
-    first = D.make_split("shapes-upstream", "calib", n=40)
+    first = make_split("shapes-upstream", "calib", n=40)
     files = list((tmp_cache / "data").glob("*.npz"))
     assert len(files) == 1
     with np.load(files[0], allow_pickle=False) as z:  # plain arrays, no pickle
         assert z["x"].dtype == np.uint8 and z["x"].shape == (40, 3, 32, 32)
-    second = D.make_split("shapes-upstream", "calib", n=40)
+    second = make_split("shapes-upstream", "calib", n=40)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
 def test_bad_split_arguments(tmp_cache):
     with pytest.raises(ValueError, match="validation"):
-        D.make_split("shapes-downstream", "validation")
+        make_split("shapes-downstream", "validation")
     with pytest.raises(ValueError, match="nope"):
-        D.make_split("nope", "train")
+        make_split("nope", "train")
 
 
 def test_hf_round_trip(tmp_cache):
-    x, y = D.make_split("shapes-downstream", "calib", n=30)
-    ds = D.to_hf_dataset(x, y, class_names=D.get_task().class_names)
+    x, y = make_split("shapes-downstream", "calib", n=30)
+    ds = to_hf_dataset(x, y, class_names=get_task().class_names)
     assert ds.column_names == ["image", "label"]
     assert ds.features["label"].names[0] == "hexagon"
-    x2, y2 = D.from_hf_dataset(ds)
+    x2, y2 = from_hf_dataset(ds)
     assert torch.equal(x, x2) and torch.equal(y, y2)
 
 
 def test_hf_dataset_works_with_flwr_partitioner(tmp_cache):
     from flwr_datasets.partitioner import IidPartitioner
 
-    x, y = D.make_split("shapes-downstream", "calib", n=40)
+    x, y = make_split("shapes-downstream", "calib", n=40)
     part = IidPartitioner(num_partitions=4)
-    part.dataset = D.to_hf_dataset(x, y)
-    sizes = [len(D.from_hf_dataset(part.load_partition(i))[1]) for i in range(4)]
+    part.dataset = to_hf_dataset(x, y)
+    sizes = [len(from_hf_dataset(part.load_partition(i))[1]) for i in range(4)]
     assert sizes == [10, 10, 10, 10]
 
 
@@ -123,21 +129,21 @@ def test_load_image_folder(tmp_path):
         for i in range(3):
             pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "imgs" / cls / f"{i}.png")
-    x, y = D.load_image_folder(tmp_path / "imgs")
+    x, y = load_image_folder(tmp_path / "imgs")
     assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
     assert y.tolist() == [0, 0, 0, 1, 1, 1]
 
 
 def test_load_hf_saved_folder(tmp_path):
     x, y = torch.rand(8, 3, 16, 16), torch.arange(8) % 2
-    D.to_hf_dataset(x, y).save_to_disk(str(tmp_path / "hf"))
-    x2, y2 = D.load_image_folder(tmp_path / "hf")
+    to_hf_dataset(x, y).save_to_disk(str(tmp_path / "hf"))
+    x2, y2 = load_image_folder(tmp_path / "hf")
     assert x2.shape == (8, 3, 32, 32) and torch.equal(y2, y)
 
 
 def test_load_image_folder_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does-not-exist"):
-        D.load_image_folder(tmp_path / "does-not-exist")
+        load_image_folder(tmp_path / "does-not-exist")
 
 
 # ------------------------------------------------------------------ models
@@ -150,8 +156,6 @@ def test_embedded_vit_has_taskedge_targets():
 
 
 def test_embedded_models_are_registered_with_timm():
-    import timm
-
     assert all(timm.is_model(n) for n in ("taskedge_vit_tiny", "taskedge_resnet_tiny", "taskedge_mobilenetv2_tiny"))
     model = M.create_model("taskedge_vit_tiny", num_classes=2)  # timm spelling works too
     assert model.patch_embed.proj.kernel_size == (8, 8) and len(model.blocks) == 4
@@ -229,7 +233,7 @@ def test_non_head_mismatch_is_an_error(tmp_path):
                                          r"\(e.g. blocks.0.attn.qkv.weight\)$"):
         M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "broken.pth")
     # another architecture: one line with counts and the first three of each kind, not thousands of characters
-    torch.save(M.timm.create_model("resnet10t", num_classes=10).state_dict(), tmp_path / "resnet.pth")
+    torch.save(timm.create_model("resnet10t", num_classes=10).state_dict(), tmp_path / "resnet.pth")
     with pytest.raises(ValueError) as err:
         M.create_model("taskedge-vit-tiny", num_classes=10, weights=tmp_path / "resnet.pth")
     assert len(str(err.value)) < 600 and "\n" not in str(err.value) and "missing" in str(err.value)
@@ -237,7 +241,7 @@ def test_non_head_mismatch_is_an_error(tmp_path):
 
 def test_vit_weights_of_another_image_size_are_resampled(tmp_path):
     """64-px ViT weights into a 32-px ViT (img-size): timm's pos_embed resampling, no size-mismatch error."""
-    src = M.timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, num_classes=4)
+    src = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=1, num_classes=4)
     torch.save(src.state_dict(), tmp_path / "vit64.pth")
     dst = M.create_model("vit_tiny_patch16_224", img_size=32, depth=1, num_classes=4, weights=tmp_path / "vit64.pth")
     assert dst.pos_embed.shape == (1, 1 + 4, 192)
@@ -255,9 +259,9 @@ def test_pth_loading_refuses_pickled_objects(tmp_path):
 # ------------------------------------------------------------------ pre-trained backbone (real cache)
 @pytest.mark.slow
 def test_embedded_backbone_is_pretrained_and_cached():
-    path = M.embedded_backbone(progress=False)  # pre-trains on first use (~1-3 min), then cached
-    assert path.endswith(".safetensors") and M.embedded_backbone(progress=False) == path
-    info = M.embedded_info(path)
+    path = B.embedded_backbone(progress=False)  # pre-trains on first use (~1-3 min), then cached
+    assert path.endswith(".safetensors") and B.embedded_backbone(progress=False) == path
+    info = B.embedded_info(path)
     assert float(info["upstream_test_acc"]) > 0.85
     model = M.create_embedded(num_classes=4)
     assert model.head.out_features == 4
@@ -272,14 +276,14 @@ def test_shipped_weights_are_found_outside_the_package(tmp_path, monkeypatch):
     """A Flower app bundle has no .safetensors beside the code: $TASKEDGE_WEIGHTS_DIR points at them."""
     import shutil
 
-    shipped = M.shipped_weights()
-    assert shipped is not None and M.sha256(shipped) == M.EMBEDDED_WEIGHTS[M.DEFAULT_MODEL][1]
-    monkeypatch.setattr(M, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")  # as inside a FAB
+    shipped = B.shipped_weights()
+    assert shipped is not None and B.sha256(shipped) == B.EMBEDDED_WEIGHTS[DEFAULT_MODEL][1]
+    monkeypatch.setattr(B, "WEIGHTS_DIR", tmp_path / "fab" / "common" / "weights")  # as inside a FAB
     monkeypatch.delenv("TASKEDGE_WEIGHTS_DIR", raising=False)
-    assert M.shipped_weights() is None
+    assert B.shipped_weights() is None
     shutil.copy(shipped, tmp_path / shipped.name)
     monkeypatch.setenv("TASKEDGE_WEIGHTS_DIR", str(tmp_path))
-    assert M.shipped_weights() == tmp_path / shipped.name
+    assert B.shipped_weights() == tmp_path / shipped.name
 
 
 def test_an_impossible_dirichlet_split_is_named_with_the_fix():

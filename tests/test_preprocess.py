@@ -39,7 +39,7 @@ def test_a_vit_built_for_another_size_is_fed_that_size():
 
 
 def test_embedded_models_keep_the_task_suites_preprocessing():
-    from common.data import get_task
+    from common.data.tasks import get_task
 
     spec = get_task()
     for name in ("taskedge-vit-tiny", "taskedge-resnet-tiny", "taskedge_vit_tiny"):

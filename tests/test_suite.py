@@ -14,7 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from common import data as D
+from common.data.loading import load_image_folder, to_hf_dataset
+from common.data.render import DIGIT_POOLS, draw_orientation, sklearn_digits
+from common.data.splits import make_split
+from common.data.tasks import DEFAULT_TASK, SUITE, UPSTREAM_TASK, TaskSpec, get_task
 
 
 @pytest.fixture
@@ -25,25 +28,25 @@ def tmp_cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ suite
 def test_suite_covers_the_vtab_groups():
-    groups = {D.get_task(t).group for t in D.SUITE}
-    assert len(D.SUITE) >= 5 and {"natural", "structured", "shift", "unseen"} <= groups
-    for t in D.SUITE:
-        spec = D.get_task(t)
+    groups = {get_task(t).group for t in SUITE}
+    assert len(SUITE) >= 5 and {"natural", "structured", "shift", "unseen"} <= groups
+    for t in SUITE:
+        spec = get_task(t)
         assert spec.train_size == 1000 and spec.val_size > 0 and spec.test_size > 0
-    up = D.get_task(D.UPSTREAM_TASK)
-    unseen = [D.get_task(t) for t in D.SUITE if D.get_task(t).group == "unseen"]
+    up = get_task(UPSTREAM_TASK)
+    unseen = [get_task(t) for t in SUITE if get_task(t).group == "unseen"]
     assert all(not {f"shape:{c}" for c in s.class_names} & set(up.class_names) for s in unseen)
-    shift = [D.get_task(t) for t in D.SUITE if D.get_task(t).group == "shift"][0]
+    shift = [get_task(t) for t in SUITE if get_task(t).group == "shift"][0]
     assert {f"shape:{c}" for c in shift.class_names} <= set(up.class_names)  # same classes, shifted images
 
 
-@pytest.mark.parametrize("task", D.SUITE + (D.UPSTREAM_TASK,))
+@pytest.mark.parametrize("task", SUITE + (UPSTREAM_TASK,))
 def test_every_task_renders_balanced_in_range(tmp_cache, task):
-    spec = D.get_task(task)
-    x, y = D.make_split(task, "val", n=8)
+    spec = get_task(task)
+    x, y = make_split(task, "val", n=8)
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert -1.0 - 1e-6 <= float(x.min()) and float(x.max()) <= 1.0 + 1e-6
-    x2, labels = D.make_split(task, "test")
+    x2, labels = make_split(task, "test")
     counts = np.bincount(labels.numpy(), minlength=spec.num_classes)
     assert len(counts) == spec.num_classes and counts.min() >= 0.5 * counts.max(), counts  # every class, balanced
     assert float(((x2[:64] + 1) * 127.5).std()) > 10  # not blank (std of the 0-255 pixels)
@@ -51,25 +54,25 @@ def test_every_task_renders_balanced_in_range(tmp_cache, task):
 
 def test_val_split_is_disjoint_and_deterministic(tmp_cache):
     sha = lambda x: {hashlib.sha1(r.numpy().tobytes()).hexdigest() for r in x}
-    val = D.make_split("textures", "val", n=100)[0]
-    assert not sha(val) & sha(D.make_split("textures", "train", n=100)[0])
-    assert not sha(val) & sha(D.make_split("textures", "test", n=100)[0])
-    assert torch.equal(val, D.make_split("textures", "val", n=100)[0])
-    assert D.get_task("textures").split_size("val") == 500
+    val = make_split("textures", "val", n=100)[0]
+    assert not sha(val) & sha(make_split("textures", "train", n=100)[0])
+    assert not sha(val) & sha(make_split("textures", "test", n=100)[0])
+    assert torch.equal(val, make_split("textures", "val", n=100)[0])
+    assert get_task("textures").split_size("val") == 500
 
 
 def test_digits_splits_use_disjoint_source_images():
-    pools = D.DIGIT_POOLS
+    pools = DIGIT_POOLS
     assert pools["train"][1] <= pools["val"][0] and pools["val"][1] <= pools["test"][0]
-    assert pools["test"][1] == len(D.sklearn_digits()[1])
+    assert pools["test"][1] == len(sklearn_digits()[1])
 
 
 def test_orientation_bins_are_angles():
     """Bin k draws a bar at 22.5 k +- 6 degrees: its principal axis says so."""
-    spec = D.get_task("orientation")
-    spec = D.TaskSpec(**{**spec.__dict__, "background": "plain", "clutter": 0, "noise": 0.0})
+    spec = get_task("orientation")
+    spec = TaskSpec(**{**spec.__dict__, "background": "plain", "clutter": 0, "noise": 0.0})
     for k in range(spec.num_classes):
-        img = D.draw_orientation(spec, np.random.default_rng(k), np.array([k]), "train")
+        img = draw_orientation(spec, np.random.default_rng(k), np.array([k]), "train")
         fg = np.abs(img[0] - img[0][:, :1, :1]).sum(0) > 0.3  # pixels that differ from the plain background
         yy, xx = np.nonzero(fg)
         cov = np.cov(np.stack([xx, yy]))
@@ -80,30 +83,31 @@ def test_orientation_bins_are_angles():
 
 def test_local_folder_and_saved_dataset_feed_a_suite_task(tmp_path):
     """The same harness takes your own data offline: an ImageFolder or a saved HF dataset."""
-    x, y = D.make_split("count", "val", n=12)
-    D.to_hf_dataset(x, y).save_to_disk(str(tmp_path / "hf"))
-    x2, y2 = D.load_image_folder(tmp_path / "hf", "count")
+    x, y = make_split("count", "val", n=12)
+    to_hf_dataset(x, y).save_to_disk(str(tmp_path / "hf"))
+    x2, y2 = load_image_folder(tmp_path / "hf", "count")
     assert torch.equal(y2, y) and x2.shape == x.shape
 
 
 # ------------------------------------------------------------------ backbone + fresh head
 def test_shipped_weights_match_their_hash_and_need_no_pretraining(monkeypatch, tmp_path):
-    from common import models as M
+    from common import backbones as B
 
     monkeypatch.setenv("TASKEDGE_CACHE", str(tmp_path / "empty"))
-    fname, sha = M.EMBEDDED_WEIGHTS["taskedge-vit-tiny"]
-    path = M.embedded_backbone(progress=False)
-    assert path == str(M.WEIGHTS_DIR / fname) and M.sha256(path) == sha
+    fname, sha = B.EMBEDDED_WEIGHTS["taskedge-vit-tiny"]
+    path = B.embedded_backbone(progress=False)
+    assert path == str(B.WEIGHTS_DIR / fname) and B.sha256(path) == sha
     assert not (tmp_path / "empty").exists()  # nothing pre-trained or cached
-    assert float(M.embedded_info(path)["upstream_test_acc"]) > 0.9
+    assert float(B.embedded_info(path)["upstream_test_acc"]) > 0.9
 
 
 def test_embedded_model_gets_a_fresh_seeded_head_even_when_classes_match():
     from safetensors.torch import load_file
 
+    from common import backbones as B
     from common import models as M
 
-    saved = load_file(M.embedded_backbone(progress=False))
+    saved = load_file(B.embedded_backbone(progress=False))
     n_up = saved["head.weight"].shape[0]
     a = M.create_embedded(num_classes=n_up)  # same class count as upstream: still a fresh head
     b = M.create_embedded(num_classes=n_up)
@@ -252,7 +256,7 @@ def test_central_harness_runs_every_method_quickly(tmp_cache):
 
     for method in ("taskedge", "head-only"):
         r = finetune(Run("count", method, 1e-2, 1e-2, epochs=1, eval_split="val", allocation="neuron-cap"))
-        spec = D.get_task("count")
+        spec = get_task("count")
         for key, n in (("val_acc", spec.val_size), ("test_acc", spec.test_size)):
             assert abs(r[key] * n - round(r[key] * n)) < 1e-6, (key, r[key])  # correct / n over the whole split
         assert r["trainable_head"] == 64 * 6 + 6
@@ -268,14 +272,14 @@ def test_bench_federation_quick_writes_the_schema(tmp_path):
                 "--server-test-size", "100", "--skip-micro", "--json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["default_method"] == "taskedge-best" and res["setup"]["rounds"] == 2
-    assert doc["tasks"][D.DEFAULT_TASK]["taskedge-lora"]["trainable"] > 0  # an opt-in method, run when named
+    assert doc["tasks"][DEFAULT_TASK]["taskedge-lora"]["trainable"] > 0  # an opt-in method, run when named
     for key in ("taskedge-paper", "head-only"):
-        cell = doc["tasks"][D.DEFAULT_TASK][key]
+        cell = doc["tasks"][DEFAULT_TASK][key]
         for field in ("acc_mean", "acc_sd", "acc_per_seed", "rounds", "trainable", "upload_bytes_per_client_round"):
             assert field in cell
         assert cell["rounds"] == 2 and len(cell["acc_per_seed"]) == 1 and len(cell["curve_mean"]) == 3
         assert key in doc["suite_mean"]
-    assert doc["tasks"][D.DEFAULT_TASK]["head-only"]["trainable"] < doc["tasks"][D.DEFAULT_TASK]["taskedge-paper"]["trainable"]
+    assert doc["tasks"][DEFAULT_TASK]["head-only"]["trainable"] < doc["tasks"][DEFAULT_TASK]["taskedge-paper"]["trainable"]
 
 
 def test_harness_takes_a_timm_model_and_a_saved_hf_dataset(tmp_path):
@@ -289,7 +293,7 @@ def test_harness_takes_a_timm_model_and_a_saved_hf_dataset(tmp_path):
     for split, n in (("train", 24), ("validation", 12), ("test", 12)):
         x = torch.rand(n, 3, 20, 20)
         y = torch.arange(n) % 3
-        parts[split] = D.to_hf_dataset(x, y)
+        parts[split] = to_hf_dataset(x, y)
     datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "hf"))
     r = finetune(Run("count", "head-only", 1e-2, 1e-2, epochs=1, eval_split="val", model="resnet18",
                      data_path=str(tmp_path / "hf")))
@@ -310,7 +314,7 @@ def test_compare_variants_quick_runs_side_by_side_at_about_equal_trainable(tmp_p
     assert acc["taskedge"]["trainable"] == acc["taskedge nm=2:4"]["trainable"] == 4269  # 2 % of 213,440, exactly
     assert acc["lora r=1"]["trainable"] == 4352
     assert 0.9 * 4269 < acc["taskedge-lora"]["trainable"] <= 2368 * 2  # rows M touches x rank 2
-    n_test = D.get_task("count").test_size
+    n_test = get_task("count").test_size
     params_mib = 4 * 214_003 / 2**20  # the embedded ViT's float32 parameters are resident during a step
     for label in acc:
         correct = acc[label]["suite_mean"] * n_test  # one task, one seed: a count of correct test examples

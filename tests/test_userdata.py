@@ -223,31 +223,33 @@ def test_a_corrupt_row_of_a_saved_dataset_is_skipped(tmp_path):
 
 
 def test_load_image_folder_stays_a_thin_wrapper(tmp_path):
-    """common.data.load_image_folder (README, benchmarks): all of a folder as the task's images; the split
+    """common.data.loading.load_image_folder (README, benchmarks): all of a folder as the task's images; the split
     of data that has its own."""
-    from common import data as D
+    from common.data.loading import load_image_folder, task_preprocess
+    from common.data.splits import normalize
+    from common.data.tasks import get_task
 
     flat = folder(tmp_path / "flat", {"cat": 3, "dog": 2}, size=(40, 48))
-    x, y = D.load_image_folder(flat)
-    ref = load_data(flat, "all", D.task_preprocess())
+    x, y = load_image_folder(flat)
+    ref = load_data(flat, "all", task_preprocess())
     assert x.shape == (5, 3, 32, 32) and y.tolist() == [0, 0, 0, 1, 1] and torch.equal(x, ref.x)
     im = Image.open(flat / "cat" / "0.png")  # the old path: a bilinear resize to the square, the task's mean/std
-    old = D.normalize(np.asarray(im.resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)[None], D.get_task())
+    old = normalize(np.asarray(im.resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)[None], get_task())
     assert torch.allclose(x[0], old[0], atol=1e-6)
     folder(tmp_path / "s" / "train", {"a": 4, "b": 4})
     folder(tmp_path / "s" / "test", {"a": 1, "b": 2})
-    assert D.load_image_folder(tmp_path / "s", split="test")[1].tolist() == [0, 1, 1]
+    assert load_image_folder(tmp_path / "s", split="test")[1].tolist() == [0, 1, 1]
     dd = saved_dataset(tmp_path / "dd", {"train": 6, "validation": 3})
-    assert len(D.load_image_folder(dd, split="validation")[0]) == 3
+    assert len(load_image_folder(dd, split="validation")[0]) == 3
     with pytest.raises(FileNotFoundError, match="nope"):
-        D.load_image_folder(tmp_path / "nope")
+        load_image_folder(tmp_path / "nope")
 
 
 def test_float_array_datasets_are_taken_as_preprocessed(tmp_path):
-    from common import data as D
+    from common.data.loading import to_hf_dataset
 
     x = torch.rand(6, 3, 16, 16)
-    D.to_hf_dataset(x, torch.tensor([0, 1, 0, 1, 0, 1]), ["p", "q"]).save_to_disk(str(tmp_path / "hf"))
+    to_hf_dataset(x, torch.tensor([0, 1, 0, 1, 0, 1]), ["p", "q"]).save_to_disk(str(tmp_path / "hf"))
     got = load_data(tmp_path / "hf", "all", PRE)
     assert torch.allclose(got.x, x) and got.class_names == ["p", "q"]
     assert load_data(tmp_path / "hf", "all", resolve_preprocess("resnet18", 24)).x.shape == (6, 3, 24, 24)

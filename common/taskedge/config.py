@@ -3,12 +3,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-# scores every mode supports (secure aggregation, DP, N:M pruning): the candidates for the default
-UNIVERSAL_SCORES = ("taskedge", "taskedge-sqrt", "magnitude", "activation", "random")
-# "gradient" (common.taskedge.gradient_score): a dense, labelled calibration-gradient upload per node; opt-in
-SCORES = UNIVERSAL_SCORES + ("gradient",)
+from .scores import SCORES, get_score
+
 ALLOCATIONS = ("neuron", "neuron-cap", "global")
-STAT_SCORES = ("taskedge", "taskedge-sqrt", "activation")  # scores that need activation statistics
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 CONV_GRADS = ("auto", "sparse", "dense")
 
@@ -64,7 +61,7 @@ class TaskEdgeConfig:
             raise ValueError(f"budget must be > 0 (fraction in (0, 1) or count >= 1), got {self.budget!r}")
         if self.budget >= 1 and float(self.budget) != int(self.budget):
             raise ValueError(f"budget >= 1 is an entry count and must be an integer, got {self.budget!r}")
-        _choice("score", self.score, SCORES)
+        score = get_score(self.score)
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _choice("conv_grad", self.conv_grad, CONV_GRADS)
@@ -72,9 +69,9 @@ class TaskEdgeConfig:
             raise ValueError(f"per_neuron must be a number >= 0 (0 = use budget), got {self.per_neuron!r}")
         if isinstance(self.col_cap, bool) or not isinstance(self.col_cap, (int, float)) or not self.col_cap >= 1:
             raise ValueError(f"col_cap must be a number >= 1, got {self.col_cap!r}")
-        if self.nm is not None and self.score == "gradient":
+        if self.nm is not None and score.fn is None:
             raise ValueError("nm: N:M pruning needs a weight-based score (the base weights are pruned by it); "
-                             "score='gradient' is not supported with nm")
+                             f"score={self.score!r} is not supported with nm")
         if self.nm is not None:
             n, m = tuple(self.nm)
             if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import SCORES
+from .scores import get_score
 
 
 def row_norms(module: nn.Module, norm: torch.Tensor) -> torch.Tensor:
@@ -39,22 +39,15 @@ def row_norms(module: nn.Module, norm: torch.Tensor) -> torch.Tensor:
 def importance(module: nn.Module, norm: torch.Tensor | None, method: str = "taskedge",
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Score matrix (rows, width), float32. `norm` may be None only for magnitude / random."""
-    if method not in SCORES:
-        raise ValueError(f"score must be one of {', '.join(SCORES)}; got {method!r}")
+    score = get_score(method)
+    if score.fn is None:
+        raise ValueError(f"score={method!r} is computed from calibration gradients (common.taskedge.gradient_score), "
+                         "not from weights and norms")
     w = module.weight.detach().float()
     w2 = w.reshape(w.shape[0], -1).abs()
-    if method == "magnitude":
-        return w2.clone()
-    if method == "random":
-        return torch.rand(w2.shape, generator=generator)
-    if method == "gradient":
-        raise ValueError("score='gradient' is computed from calibration gradients (common.taskedge.gradient_score), "
-                         "not from weights and norms")
-    if norm is None:
-        raise ValueError(f"score={method!r} needs activation statistics (run calibration batches first)")
-    act = row_norms(module, norm.float().to(w2.device))
-    if method == "activation":
-        return act.contiguous().clone()
-    if method == "taskedge-sqrt":
-        return w2 * act.sqrt()
-    return w2 * act
+    act = None
+    if score.needs_stats:
+        if norm is None:
+            raise ValueError(f"score={method!r} needs activation statistics (run calibration batches first)")
+        act = row_norms(module, norm.float().to(w2.device))
+    return score.fn(w2, act, generator)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .allocation import Mask, allocate, budget_entries, nm_keep
-from .config import STAT_SCORES, TaskEdgeConfig
+from .config import TaskEdgeConfig
+from .scores import get_score
 from .importance import importance
 from .layers import SparseDeltaConv2d, SparseDeltaLayer, SparseDeltaLinear
 from .stats import collect_stats
@@ -105,15 +106,16 @@ def score_modules(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, tor
                   grads: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Score matrix per target module; score='gradient' takes them from `grads` (common.taskedge.gradient_score)."""
     gen = torch.Generator().manual_seed(config.seed)
+    spec = get_score(config.score)
     scores = {}
     for name, mod in target_modules(model, config).items():
-        if config.score == "gradient":
+        if spec.needs_gradients:
             if grads is None or name not in grads:
-                raise ValueError(f"no calibration gradient for module '{name}' (score='gradient' needs them)")
+                raise ValueError(f"no calibration gradient for module '{name}' (score={config.score!r} needs them)")
             scores[name] = grads[name]
             continue
         norm = None if norms is None else norms.get(name)
-        if norm is None and config.score in STAT_SCORES:
+        if norm is None and spec.needs_stats:
             raise ValueError(f"no activation statistics for module '{name}' (score={config.score!r} needs them)")
         scores[name] = importance(mod, norm, config.score, gen)
     return scores
@@ -231,13 +233,13 @@ def calibrate(model: nn.Module, config: TaskEdgeConfig, calib_batches: Iterable
               ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
     """What the score (and N:M pruning) needs from the calibration batches: (norms, gradients)."""
     calib_batches = list(calib_batches)
-    grads = None
-    if config.score == "gradient":
+    grads, spec = None, get_score(config.score)
+    if spec.needs_gradients:
         from .gradient_score import calibration_gradients
 
         grads = calibration_gradients(model, target_modules(model, config), find_head(model, config.head),
                                       calib_batches)
-    norms = collect_norms(model, config, calib_batches) if config.score in STAT_SCORES or config.nm else None
+    norms = collect_norms(model, config, calib_batches) if spec.needs_stats or config.nm else None
     return norms, grads
 
 
