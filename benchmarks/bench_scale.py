@@ -102,7 +102,15 @@ def measure(n: int, entries: int, reps: int, cfg) -> dict:
         assert arrays is not None and arrays["values"].numpy().shape == (entries,)
         assert not guard.log.dropped, guard.log.dropped[:3]
         del guard, replies, arrays
-    guard, replies, payload = one_round(n, entries, reps, cfg)
+    payload, peak = aggregation_peak(n, entries, reps, cfg)
+    return {"clients": n, "entries": entries, "median_s": statistics.median(times), "min_s": min(times),
+            "max_s": max(times), "reps": reps, "entries_per_s": n * entries / statistics.median(times),
+            "replies_payload_mb": payload / 2**20, "aggregation_peak_mb": peak / 2**20}
+
+
+def aggregation_peak(n: int, entries: int, seed: int, cfg) -> tuple[int, int]:
+    """(bytes of the round's replies, peak bytes traced while the server aggregates them) for one fresh round."""
+    guard, replies, payload = one_round(n, entries, seed, cfg)
     gc.collect()
     tracemalloc.start()
     tracemalloc.reset_peak()
@@ -110,9 +118,7 @@ def measure(n: int, entries: int, reps: int, cfg) -> dict:
     guard.aggregate_train(1, replies)
     peak = tracemalloc.get_traced_memory()[1] - base
     tracemalloc.stop()
-    return {"clients": n, "entries": entries, "median_s": statistics.median(times), "min_s": min(times),
-            "max_s": max(times), "reps": reps, "entries_per_s": n * entries / statistics.median(times),
-            "replies_payload_mb": payload / 2**20, "aggregation_peak_mb": peak / 2**20}
+    return payload, peak
 
 
 def _fit(xs, ys) -> tuple[float, float]:

@@ -27,7 +27,6 @@ import platform
 import statistics
 import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -35,7 +34,7 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 
-from benchmarks.bench_scale import one_round  # noqa: E402
+from benchmarks.bench_scale import aggregation_peak, one_round  # noqa: E402
 from benchmarks.report import emit  # noqa: E402
 from common.settings import parse_run_config  # noqa: E402
 from server.inprocess import task_identity  # noqa: E402
@@ -74,14 +73,7 @@ def measure(n: int, entries: int, reps: int, cfg) -> dict:
         assert not guard.log.dropped, guard.log.dropped[:3]
         assert total.shape == (entries,)
         del guard, replies, arrays, vecs, total
-    guard, replies, payload = one_round(n, entries, reps, cfg)
-    gc.collect()
-    tracemalloc.start()
-    tracemalloc.reset_peak()
-    base = tracemalloc.get_traced_memory()[0]
-    guard.aggregate_train(1, replies)
-    peak = tracemalloc.get_traced_memory()[1] - base
-    tracemalloc.stop()
+    payload, peak = aggregation_peak(n, entries, reps, cfg)
     p, r = _stats(proj), _stats(ref)
     work = n * entries
     return {"replies": n, "entries_per_reply": entries, "reps": reps,
