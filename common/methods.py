@@ -91,14 +91,20 @@ def base_model(model: str, num_classes: int, weights_path: str = "", seed: int =
     return copy.deepcopy(pretrained_base(model, num_classes, weights_path, seed, img_size))
 
 
-def _mask_model(method: str):
-    def make(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
-        if method == "taskedge-lora":
-            from common.taskedge.lora import TaskEdgeLoRAConfig, apply_lora_mask
+def _taskedge(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
+    return apply_mask(base, mask, tcfg)
 
-            return apply_lora_mask(base, mask, TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": rank}))
-        return apply_mask(base, mask, tcfg)
-    return make
+
+def _taskedge_lora(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int,
+                   save_head: bool) -> nn.Module:
+    from common.taskedge.lora import TaskEdgeLoRAConfig, apply_lora_mask
+
+    return apply_lora_mask(base, mask, TaskEdgeLoRAConfig(**{**tcfg.to_dict(), "r": rank}))
+
+
+def _head_only(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
+    mark_trainable(base, find_head(base, tcfg.head))
+    return base
 
 
 def _peft(dora: bool = False, depthwise: bool = False):
@@ -114,9 +120,6 @@ def _peft(dora: bool = False, depthwise: bool = False):
 def _only(trains: str):
     """Freeze all but the head plus `trains` (common.baselines.train_only)."""
     def make(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: int, seed: int, save_head: bool) -> nn.Module:
-        if trains == "head":
-            mark_trainable(base, find_head(base, tcfg.head))
-            return base
         from common.baselines import train_only
 
         return train_only(base, trains)
@@ -129,10 +132,10 @@ def _everything(base: nn.Module, tcfg: TaskEdgeConfig, mask: Mask | None, rank: 
 
 # one builder per name of common.registry.METHODS (tests/test_registry.py checks they agree)
 BUILDERS = {
-    "taskedge": _mask_model("taskedge"), "taskedge-lora": _mask_model("taskedge-lora"),
+    "taskedge": _taskedge, "taskedge-lora": _taskedge_lora,
     "fedlora": _peft(), "dora": _peft(dora=True), "lora-dw": _peft(depthwise=True),
     "fedavg-full": _everything, "galore": _everything,
-    "head-only": _only("head"), "bn-head": _only("bn-head"), "bitfit": _only("bitfit"),
+    "head-only": _head_only, "bn-head": _only("bn-head"), "bitfit": _only("bitfit"),
 }
 
 
