@@ -11,8 +11,9 @@ Attaching to a running Ray cluster instead of starting a private one: pass `addr
 ClientApp actors are spread over every node of that cluster (1 CPU each) and Ray is neither started nor
 stopped here. `ray.init` refuses `num_cpus`/`num_gpus` when attaching (the cluster's nodes declared
 theirs in `ray start`), so they are left out. `trace_dir` wraps the ClientApp so that every message it
-handles appends one JSON line (Ray node id, pid, message type, partition) to `trace_dir/<pid>.jsonl`:
-where the ClientApps actually ran.
+handles appends one JSON line (Ray node id, pid, message type, partition, server round, start time, seconds
+in the handler, bytes of the node's state after it) to `trace_dir/<pid>.jsonl`: where the ClientApps actually
+ran, and how long they took.
 
     python -m benchmarks.ray_simulation --address 127.0.0.1:6379 --supernodes 2 \
         --run-config '{"num-server-rounds": 1}' --trace-dir /tmp/trace
@@ -41,12 +42,21 @@ class NodeTracedClientApp(ClientApp):
         self.trace_dir = trace_dir
 
     def __call__(self, message, context):  # noqa: D102 (ClientApp's)
+        import time
+
         import ray
 
+        from server.messages import content_bytes
+
+        start, t0 = time.time(), time.perf_counter()
         out = self.inner(message, context)
+        handler_s = time.perf_counter() - t0
+        conf = message.content.get("config")
         rec = {"ray_node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                "message_type": message.metadata.message_type,
-               "partition_id": context.node_config.get("partition-id"), "error": out.has_error()}
+               "partition_id": context.node_config.get("partition-id"), "error": out.has_error(),
+               "server_round": int(conf["server-round"]) if conf is not None and "server-round" in conf else None,
+               "start": start, "handler_s": handler_s, "state_bytes": content_bytes(context.state)}
         with open(os.path.join(self.trace_dir, f"{os.getpid()}.jsonl"), "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         return out

@@ -7,8 +7,9 @@ Both are Flower's own; what is here only lets them act on this app's messages:
   stages travel as `train` messages (Flower's workflow sends them so); in the stage that collects
   the masked vectors, the server's real request (a training round or the statistics query, named
   in the `secure-request` record) is dispatched to its handler through the whole app, and the reply
-  is turned into the vectors of `common.privacy` (update clipped to the bound, weights, metrics),
-  which `secaggplus_mod` quantizes, masks and sends. Nothing else of the reply leaves the node.
+  is turned into the vectors of `common.privacy` (update clipped to the bound, weights, metrics;
+  statistics and / or gradient sums, each clipped to its own bound), which `secaggplus_mod` quantizes,
+  masks and sends. Nothing else of the reply leaves the node.
 * `dp_clipping_mod`: Flower's `fixedclipping_mod` on training messages whose config carries the
   clipping norm that `DifferentialPrivacyClientSideFixedClipping` injects (so the same app serves
   plain, server-side DP and client-side DP runs).
@@ -29,7 +30,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from common.privacy import stats_contribution, train_contribution
+from common.privacy import grad_secure, stats_contribution, train_contribution
 
 REQUEST = "secure-request"  # ConfigRecord of the server's real request inside the SecAgg+ collect stage
 RANK_FLOOR = "budget-rank-floor"  # config key: train at least this budget rank (a secure round's merged rank)
@@ -84,9 +85,15 @@ class SecureAggregationMod:
                                          float(metrics.get("train-loss", 0.0)), float(metrics.get("train-acc", 0.0)))
         elif kind == "query.stats":
             modules = list(req["modules"])
-            vectors = stats_contribution(_arrays(reply.content["stats"]), modules,
-                                         dict(zip(modules, (int(r) for r in req["max-rows"]))),
-                                         float(req["stats-bound"]), c, bool(req["weighted"]))
+            vectors = (stats_contribution(_arrays(reply.content["stats"]), modules,
+                                          dict(zip(modules, (int(r) for r in req["max-rows"]))),
+                                          float(req["stats-bound"]), c, bool(req["weighted"]))
+                       if bool(req.get("with-stats", True)) else [])
+            if float(req.get("grad-bound", 0.0)) > 0:  # score='gradient': the signed gradient sums, clipped
+                if "grads" not in reply.content:
+                    raise RuntimeError("secure query.stats: the server asked for gradient sums; the handler sent none")
+                vectors += grad_secure(_arrays(reply.content["grads"]), modules, float(req["grad-scale"]),
+                                       float(req["grad-bound"]), c)
         else:
             raise ValueError(f"secure aggregation of {kind!r} messages is not supported")
         return Message(_fitres(vectors), reply_to=msg)

@@ -25,7 +25,8 @@ def local_stats(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, b
 def local_gradients(model: nn.Module, tcfg: TaskEdgeConfig, x_calib: torch.Tensor, y_calib: torch.Tensor,
                     batch_size: int) -> dict[str, np.ndarray]:
     """score='gradient': signed Σ dL/dW over the local calibration data through a locally probed head,
-    '<module>.g' (rows, width) float64 (common.taskedge.gradient_score)."""
+    '<module>.g' (rows, width) float32 for the target modules only (common.taskedge.gradient_score): half the
+    bytes of float64 and no precision lost (autograd accumulated them in float32); the server adds up in float64."""
     from common.taskedge.gradient_score import calibration_gradients
 
     grads = calibration_gradients(model, target_modules(model, tcfg), find_head(model, tcfg.head),

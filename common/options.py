@@ -17,7 +17,7 @@ from common.registry import FEDERATED_METHODS
 from common.taskedge.config import ALLOCATIONS, SCORES
 
 METHODS = FEDERATED_METHODS  # common.registry: the methods with a wire form
-PARTITIONERS = ("iid", "dirichlet")
+PARTITIONERS = ("iid", "dirichlet", "generated")
 RECONCILE = ("stats", "vote")
 SERVER_OPTS = ("fedavg", "fedavgm")
 AGGREGATIONS = ("mean", "trimmed", "median")
@@ -45,7 +45,9 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("method", "taskedge", "what the nodes train", METHODS, "both"),
+    Option("method", _SELECTION.get("method", "taskedge"), "what the nodes train", METHODS, "both"),
+    Option("preset", "", "paper = the paper's selection (score taskedge, 2 % of the backbone) instead of the "
+           "default chosen on validation (common/defaults.json); keys set explicitly win", ("", "paper")),
     Option("model", "taskedge-vit-tiny", "embedded pre-trained model (offline) or any timm model name", side="both"),
     Option("weights-path", "", "local .safetensors/.pth for a timm model; \"hub\" = timm pretrained from the hub",
            side="both"),
@@ -62,13 +64,18 @@ OPTIONS: tuple[Option, ...] = (
            side="both"),
     Option("task", "shapes-downstream", "built-in offline task (common.data), used when data-path is \"\"",
            side="both"),
-    Option("partitioner", "dirichlet", "how a simulation splits the data over nodes (flwr-datasets)", PARTITIONERS,
+    Option("partitioner", "dirichlet", "how a simulation splits the data over nodes (flwr-datasets); generated = "
+           "every node renders its own IID examples of the built-in task (fleet-scale simulations)", PARTITIONERS,
            "both"),
     Option("alpha", 0.5, "Dirichlet concentration (smaller = more label skew)", side="both"),
+    Option("examples-per-node", 20, "partitioner=generated: training examples each simulated node renders for itself",
+           side="both"),
     Option("num-partitions", 0, "0 = from the node config (simulation: number of supernodes)", side="both"),
     Option("num-server-rounds", 5, "training rounds"),
     Option("fraction-train", 1.0, "share of connected nodes sampled per training round"),
     Option("fraction-evaluate", 1.0, "share sampled for federated evaluation (off with secure-aggregation / dp)"),
+    Option("setup-fraction", 1.0, "share of connected nodes (a seeded cohort) the classes and statistics phases ask; "
+           "the mask reaches the others when first sampled; 1 = all: the exact pooled mask of the federation"),
     Option("min-nodes", 2, "nodes to wait for before the first phase (only then); later rounds go on with whoever "
            "is connected"),
     Option("min-replies", 1, "fewer valid training replies -> round skipped"),
@@ -78,10 +85,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("head-lr", 0.0, "0 = the method's tuned default for the dense head", side="both"),
     Option("budget", _SELECTION["budget"], "fraction of backbone parameters, or an entry count >= 1 "
            "(embedded ViT: 2% = 4,269 entries ~ LoRA r=1)", side="both"),
-    Option("budget-per-neuron", 0.0, "entries per output neuron (> 0 replaces budget: the same meaning on every "
+    Option("budget-per-neuron", float(_SELECTION.get("budget_per_neuron", 0.0)), "entries per output neuron (> 0 replaces budget: the same meaning on every "
            "model size; ViT-B/16: 1 = the paper's 0.1 %)", side="both"),
     Option("score", _SELECTION["score"], "importance: taskedge = abs(W)·‖X‖; gradient (opt-in) = abs(Σ dL/dW) over "
-           "the nodes' labelled calibration data, a dense upload, no SecAgg+/DP/N:M", SCORES, "both"),
+           "the nodes' labelled calibration data, one dense float32 upload per node (SecAgg+, DP and N:M apply)",
+           SCORES, "both"),
     Option("allocation", _SELECTION["allocation"], "how the budget spreads: k per output neuron, capped, or global",
            ALLOCATIONS, "both"),
     Option("nm", "", "N:M sparsity of the merged weights, e.g. \"2:4\" (\"\" = off; taskedge methods)", side="both"),
@@ -92,6 +100,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("calib-size", 64, "calibration samples per node (from its local train split)", side="both"),
     Option("test-fraction", 0.2, "share of a node's partition held out for local evaluation", side="both"),
     Option("server-test-size", 1000, "centralised test samples of the built-in task; 0 = off"),
+    Option("server-split", "test", "the built-in task's split the server evaluates on: val to choose settings "
+           "(benchmarks/sweep_selection.py), test to report them", ("test", "val")),
     Option("server-opt", "fedavg", "server optimizer", SERVER_OPTS),
     Option("server-lr", 1.0, "fedavgm's server learning rate"),
     Option("server-momentum", 0.9, "fedavgm's momentum"),
@@ -123,6 +133,8 @@ OPTIONS: tuple[Option, ...] = (
            "clip-norm)"),
     Option("secagg-quantization-range", 4194304, "2^22 levels; x nodes must stay below the 2^32 modulus"),
     Option("stats-clip-norm", 100.0, "bound on a node's weighted per-column mean-square vector (every mode)"),
+    Option("grad-clip-norm", 10.0, "score=gradient: bound on a node's gradient sums / calib-size, all target weights "
+           "as one vector (every mode; the sensitivity of its DP release; the embedded ViT's nodes are at ~1.5)"),
     Option("dp", "none", "central DP with Flower's fixed-clipping wrappers", DP_MODES),
     Option("dp-clipping", "fixed", "fixed | adaptive (dp=server only; not accounted)", DP_CLIPPINGS),
     Option("dp-clip-norm", 10.0, "DP update clipping norm: the one clip in front of the noise"),

@@ -2,7 +2,8 @@
 
 Simulation partitions the task's training split with a flwr-datasets partitioner (IID or
 Dirichlet label skew), exactly as a Flower example would with a hub dataset, but over the
-offline embedded task (`partitioner.dataset = hf_dataset`). Each partition is then split into
+offline embedded task (`partitioner.dataset = hf_dataset`); `partitioner="generated"` instead lets
+every node render its own examples (a fleet of thousands of nodes, no shared split in memory). Each partition is then split into
 local train / test, and the first `calib-size` local training samples are the calibration
 batches of the statistics round (a device calibrates on its own data).
 """
@@ -16,7 +17,7 @@ import torch
 
 from common.classes import label_map
 from common.data.loading import from_hf_dataset, to_hf_dataset
-from common.data.splits import make_split
+from common.data.splits import make_split, node_split
 from common.data.tasks import get_task
 from common.settings import AppConfig
 
@@ -158,6 +159,10 @@ def node_data(cfg: AppConfig, node_config: dict) -> LocalData:
         x, y, names = user_split(cfg, own, "train")
         x_tr, y_tr, x_te, y_te = _split(x, _to_global(y, names, cfg), cfg.test_fraction, cfg.seed * 7919 + pid)
         return LocalData(x_tr, y_tr, x_te, y_te, min(cfg.calib_size, len(x_tr)))
+    if cfg.partitioner == "generated":  # the node's own examples: no shared split (fleet-scale simulations)
+        x, y = node_split(cfg.task, pid, cfg.examples_per_node, cfg.seed)
+        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.seed * 7919 + pid)
+        return LocalData(x_tr, y_tr, x_te, y_te, min(cfg.calib_size, len(x_tr)))
     source = (cfg.data_path, cfg.model, cfg.img_size) if cfg.data_path else ()
     data = load_local_data(cfg.task, pid, parts, partitioner=cfg.partitioner, alpha=cfg.alpha, seed=cfg.seed,
                            test_fraction=cfg.test_fraction, calib_size=cfg.calib_size, source=source)
@@ -168,9 +173,10 @@ def node_data(cfg: AppConfig, node_config: dict) -> LocalData:
 
 
 @lru_cache(maxsize=2)
-def server_test_split(task: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Held-out split for centralised evaluation (disjoint from every client's data)."""
-    return make_split(task, "test", n=n)
+def server_test_split(task: str, n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out split for centralised evaluation (disjoint from every client's data); `val` for choosing
+    settings, so that nothing is ever chosen on the test split it is reported on."""
+    return make_split(task, split, n=n)
 
 
 def server_test_set(cfg: AppConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -181,4 +187,4 @@ def server_test_set(cfg: AppConfig) -> tuple[torch.Tensor, torch.Tensor] | None:
         return x, _to_global(y, names, cfg)
     if cfg.data_path or cfg.class_names or cfg.server_test_size <= 0:
         return None
-    return server_test_split(cfg.task, cfg.server_test_size)
+    return server_test_split(cfg.task, cfg.server_test_size, cfg.server_split)

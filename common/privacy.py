@@ -24,6 +24,12 @@ ms = ss / n, times w = n / N (N = calib-size x rows per example, public) when `w
 whole vector clipped to norm <= `bound`; then [c * w per module] and [c * clipped]. Weighted and
 unclipped, the sum gives exactly the pooled sum of squares / N and rows / N (`stats_pooled`);
 unweighted (differential privacy), each node's contribution has norm <= bound whatever its data.
+
+Gradient contribution (`grad_contribution`, score='gradient'): the node's signed calibration-gradient
+sums divided by N = calib-size (public: the node's mean over a full calibration set), the whole vector
+(all target modules) clipped to norm <= G = `grad-clip-norm`, in every mode. In a secure sum it is
+scaled by c / G (entries in [-c, c], the full quantizer range) and followed by [c * clipped]. Its own
+bound makes it a second Gaussian release beside the statistics (server/privacy.py accounts both).
 """
 from __future__ import annotations
 
@@ -188,3 +194,45 @@ def quantization_bound(c: float, quantization_range: int, nodes: int, min_weight
     if min_weight <= 0:
         return float("inf")
     return 4.0 * nodes * c / (quantization_range * min_weight)
+
+
+def grad_contribution(grads: Mapping[str, np.ndarray], modules: Sequence[str], scale: float,
+                      bound: float) -> tuple[list[np.ndarray], bool]:
+    """One node's gradient sums ('<m>.g') / scale, clipped as one vector to norm <= bound (float64);
+    (parts, whether it was clipped). Dividing by the public calib-size keeps the bound model-size free of
+    how many examples a node holds: honest nodes of the embedded ViT are at ~1.5 (default bound 10)."""
+    return clip_norm([np.asarray(grads[f"{m}.g"], np.float64) / scale for m in modules], bound)
+
+
+def clip_grads(grads: Mapping[str, np.ndarray], modules: Sequence[str], scale: float,
+               bound: float) -> tuple[dict[str, np.ndarray], bool]:
+    """One node's gradient sums with the clip of `grad_contribution`, back in the wire form (float64):
+    the plain statistics phase bounds one node's pull on |Σ| the same way the private phases do, so a
+    run without noise gives the same mask in every mode; honest nodes under the bound are unchanged."""
+    parts, clipped = grad_contribution(grads, modules, scale, bound)
+    return {f"{m}.g": part * scale if clipped else np.asarray(grads[f"{m}.g"], np.float64)
+            for m, part in zip(modules, parts)}, clipped
+
+
+def grad_secure(grads: Mapping[str, np.ndarray], modules: Sequence[str], scale: float, bound: float,
+                c: float) -> list[np.ndarray]:
+    """`grad_contribution` as the vectors a node feeds into a secure sum: scaled by c / bound, plus [c * clipped]."""
+    if not bound > 0:
+        raise ValueError(f"grad-clip-norm must be > 0, got {bound}")
+    parts, clipped = grad_contribution(grads, modules, scale, bound)
+    return [p * (c / bound) for p in parts] + [np.array([c * float(clipped)])]
+
+
+def grad_shapes(shapes: Mapping[str, tuple[int, int]], modules: Sequence[str]) -> list[tuple[int, ...]]:
+    return [tuple(shapes[m]) for m in modules] + [(1,)]
+
+
+def grad_pooled(sums: Sequence[np.ndarray], modules: Sequence[str], scale: float, bound: float, c: float,
+                noise: Sequence[np.ndarray] | None = None) -> tuple[dict[str, np.ndarray], int]:
+    """Pooled gradient sums ('<m>.g', float64) from a secure sum of `grad_secure` vectors (+ noise, in the
+    units of `grad_contribution`): exactly Σ_nodes Σ dL/dW when no node was clipped; (sums, clipped count)."""
+    out = {}
+    for i, m in enumerate(modules):
+        s = np.asarray(sums[i], np.float64) * (bound / c) + (noise[i] if noise is not None else 0.0)
+        out[f"{m}.g"] = s * scale
+    return out, int(round(float(np.asarray(sums[len(modules)]).reshape(-1)[0]) / c))

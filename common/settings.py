@@ -35,6 +35,7 @@ class AppConfig:
     """Typed, validated run configuration (attribute = key with '-' -> '_')."""
 
     method: str
+    preset: str
     model: str
     weights_path: str
     data_path: str
@@ -45,10 +46,12 @@ class AppConfig:
     task: str
     partitioner: str
     alpha: float
+    examples_per_node: int
     num_partitions: int
     num_server_rounds: int
     fraction_train: float
     fraction_evaluate: float
+    setup_fraction: float
     min_nodes: int
     min_replies: int
     local_epochs: int
@@ -67,6 +70,7 @@ class AppConfig:
     calib_size: int
     test_fraction: float
     server_test_size: int
+    server_split: str
     server_opt: str
     server_lr: float
     server_momentum: float
@@ -88,6 +92,7 @@ class AppConfig:
     secagg_clipping_range: float
     secagg_quantization_range: int
     stats_clip_norm: float
+    grad_clip_norm: float
     dp: str
     dp_clipping: str
     dp_clip_norm: float
@@ -166,7 +171,8 @@ def _typed(key: str, value: Any) -> Any:
 def _check(cfg: dict[str, Any]) -> None:
     for o in OPTIONS:
         if o.choices and o.key not in SELECTION_KEYS and cfg[o.key] not in o.choices:
-            raise _bad(o.key, f"must be one of {', '.join(map(str, o.choices))}", cfg[o.key])
+            raise _bad(o.key, f"must be one of {', '.join(str(c) if c != '' else repr(c) for c in o.choices)}",
+                       cfg[o.key])
     positive = ("alpha", "num-server-rounds", "min-nodes", "min-replies", "local-epochs", "batch-size",
                 "lora-rank", "calib-size", "server-lr", "round-timeout", "client-threads")
     for key in positive:
@@ -179,6 +185,13 @@ def _check(cfg: dict[str, Any]) -> None:
     for key in ("fraction-train", "fraction-evaluate"):
         if not 0.0 <= cfg[key] <= 1.0:
             raise _bad(key, "must be in [0, 1]", cfg[key])
+    if not 0.0 < cfg["setup-fraction"] <= 1.0:
+        raise _bad("setup-fraction", "must be in (0, 1] (1 = every connected node)", cfg["setup-fraction"])
+    if not cfg["examples-per-node"] > 0:
+        raise _bad("examples-per-node", "must be > 0", cfg["examples-per-node"])
+    if cfg["partitioner"] == "generated" and cfg["data-path"]:
+        raise _bad("partitioner", "'generated' renders the built-in task on every node; with data-path use iid or "
+                   "dirichlet", "generated")
     if cfg["fraction-train"] == 0.0:
         raise _bad("fraction-train", "must be > 0 (nobody would train)", 0.0)
     if not 0.0 <= cfg["test-fraction"] < 1.0:
@@ -249,7 +262,8 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
     for key in ("secagg-clipping-range", "dp-noise-multiplier", "dp-stats-noise-multiplier", "max-epsilon"):
         if cfg[key] < 0:
             raise _bad(key, "must be >= 0", cfg[key])
-    for key in ("stats-clip-norm", "dp-clip-norm", "secagg-num-shares", "secagg-reconstruction-threshold"):
+    for key in ("stats-clip-norm", "grad-clip-norm", "dp-clip-norm", "secagg-num-shares",
+                "secagg-reconstruction-threshold"):
         if not cfg[key] > 0:
             raise _bad(key, "must be > 0", cfg[key])
     if not 0.0 < cfg["dp-delta"] < 1.0:
@@ -291,14 +305,11 @@ def _check_privacy(cfg: dict[str, Any]) -> None:
                    "stats-aggregation='sum'); local top-k votes and per-column medians need each node's statistics",
                    f"{cfg['reconcile']}/{cfg['stats-aggregation']}")
     if get_score(cfg["score"]).needs_gradients and cfg["method"] in MASK_METHODS:
-        # each node uploads dense, signed gradient sums once (common.taskedge.gradient_score): summed, not voted, and
-        # outside what the SecAgg+ / DP statistics release covers today
+        # each node uploads dense, signed gradient sums once (common.taskedge.gradient_score): summed, not voted
+        # (SecAgg+ and the DP statistics release carry them: server/privacy.py)
         if cfg["reconcile"] != "stats":
             raise _bad("score", f"{cfg['score']!r} needs reconcile='stats' (the server adds up the nodes' gradient "
                        "sums)", cfg["score"])
-        if private:
-            raise _bad("score", f"{cfg['score']!r} sends dense gradient sums that secure aggregation / DP do not cover "
-                       "yet; use score='taskedge' with secure-aggregation or dp", cfg["score"])
     if cfg["dp"] == "none" and cfg["max-epsilon"] > 0:
         raise _bad("max-epsilon", "needs dp=server or dp=client", cfg["max-epsilon"])
     if cfg["dp-clipping"] == "adaptive" and cfg["dp"] != "none":
@@ -328,6 +339,10 @@ def parse_run_config(run_config: dict[str, Any] | None = None, **overrides: Any)
         if key not in DEFAULTS:
             raise ValueError(f"run config '{key}': unknown key; known keys: {', '.join(sorted(DEFAULTS))}")
         merged[key] = _typed(key, value)
+    if merged["preset"] == "paper":  # the paper's selection, except where this run config sets a key itself
+        from common.tuned import paper_selection
+
+        merged.update({k: _typed(k, v) for k, v in paper_selection().items() if k not in given})
     merged["method"] = ALIASES.get(merged["method"], merged["method"])  # an older spelling (common.registry)
     _check(merged)
     if merged["lr"] == 0.0:

@@ -39,3 +39,14 @@ def method_head_lr() -> dict[str, float]:
 
 def selection() -> dict:
     return {**FALLBACK_SELECTION, **load().get("selection", {})}
+
+
+# the paper's setting (TaskEdge, Sec. 4: |W|·‖X‖ with neuron-level allocation at a fixed fraction of the backbone);
+# run config preset="paper" puts it back in place of the validated default selection
+PAPER_SELECTION = {"score": "taskedge", "allocation": "neuron", "budget": 0.02, "budget-per-neuron": 0.0}
+
+
+def paper_selection() -> dict:
+    """The paper preset's run-config values; its lr is the one the selection sweep started from, if recorded."""
+    lr = load().get("selection", {}).get("paper_lr")
+    return {**PAPER_SELECTION, **({"lr": float(lr)} if lr else {})}

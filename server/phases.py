@@ -13,6 +13,8 @@ Every reply is validated; a bad one is dropped with a reason in the run's result
 from __future__ import annotations
 
 import json
+import math
+import random
 from dataclasses import replace
 
 import torch
@@ -22,7 +24,7 @@ from flwr.serverapp import Grid
 from common.taskedge.allocation import Mask
 from common.classes import global_classes, parse_class_names
 from common.methods import base_model
-from common.privacy import clip_stats
+from common.privacy import clip_grads, clip_stats
 from common.settings import AppConfig
 from common.taskedge.stats import collect_stats
 from common.taskedge.scores import get_score
@@ -30,7 +32,7 @@ from common.taskedge.tuner import target_modules
 from common.wire import nested
 
 from . import validate
-from .messages import array_record, content_bytes, match_replies, message_bytes
+from .messages import array_record, content_bytes, match_replies, message_bytes, record_bytes
 from .reconcile import stats_mask, vote_mask
 from .recorder import RoundLog
 
@@ -61,7 +63,22 @@ def max_examples(cfg: AppConfig) -> int:
 
     if cfg.max_examples:
         return cfg.max_examples
+    if cfg.partitioner == "generated" and not cfg.data_path:
+        return cfg.examples_per_node
     return USER_DATA_MAX_EXAMPLES if cfg.data_path or cfg.class_names else get_task(cfg.task).train_size
+
+
+def setup_cohort(nodes: list[int], cfg: AppConfig, salt: int = 0) -> list[int]:
+    """The nodes a setup phase (classes, statistics, first mask delivery) asks: all of them, or with
+    setup-fraction < 1 a seeded sample of that share (at least max(1, min-replies)).
+
+    Why: a fleet of 10,000 nodes would otherwise spend three calls per node before round 1 (the exact pooled
+    mask needs them all); a cohort's pooled statistics estimate the fleet's, and the others get the mask when
+    they are first sampled for training (MaskDelivery.ensure)."""
+    if cfg.setup_fraction >= 1.0 or not nodes:
+        return list(nodes)
+    k = min(len(nodes), max(1, cfg.min_replies, math.ceil(cfg.setup_fraction * len(nodes))))
+    return sorted(random.Random(cfg.seed * 1_000_003 + salt).sample(sorted(nodes), k))
 
 
 def stats_input_size(cfg: AppConfig) -> int:
@@ -133,6 +150,7 @@ def statistics_phase(grid: Grid, cfg: AppConfig, nodes: list[int], log: RoundLog
     grad_shapes = ({n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()}
                    if get_score(tcfg.score).needs_gradients else None)
     replies = send_query(grid, cfg, log, RecordDict({"config": stats_config(cfg)}), nodes, "stats")
+    log.add(**stats_upload(replies.values(), grad_shapes is not None))
     stats, votes = [], []
     for nid in nodes:
         try:
@@ -167,7 +185,26 @@ def _bounded_stats(stats: list[dict], shapes: dict, rows: dict, cfg: AppConfig, 
     if clipped:
         log.info("Statistics phase: %d of %d nodes' statistics clipped to stats-clip-norm=%g (raise it if this "
                  "model's activations are large and every node is clipped)", clipped, len(out), cfg.stats_clip_norm)
-    return [st for st, _ in out]
+    if not any(k.endswith(".g") for st, _ in out for k in st):
+        return [st for st, _ in out]
+    # score='gradient': each node's sums / calib-size clipped to grad-clip-norm, as the secure and DP phases do
+    grads = [clip_grads(st, modules, cfg.calib_size, cfg.grad_clip_norm) for st, _ in out]
+    clipped = sum(c for _, c in grads)
+    log.set(grad_clipped=clipped)
+    if clipped:
+        log.info("Statistics phase: %d of %d nodes' gradient sums clipped to grad-clip-norm=%g", clipped, len(out),
+                 cfg.grad_clip_norm)
+    return [{**st, **g} for (st, _), (g, _) in zip(out, grads)]
+
+
+def stats_upload(replies, gradients: bool) -> dict[str, int]:
+    """The statistics query's upload for the round record: all bytes, the replies, and (score='gradient') the
+    bytes of the gradient records alone — the one-off dense part, which a benchmark reports separately."""
+    ok = [r for r in replies if not r.has_error()]
+    out = {"stats_bytes_up": sum(message_bytes(r) for r in ok), "stats_replies": len(ok)}
+    if gradients:
+        out["grad_bytes_up"] = sum(record_bytes(r.content["grads"]) for r in ok if "grads" in r.content)
+    return out
 
 
 class MaskDelivery:
@@ -194,7 +231,7 @@ class MaskDelivery:
         """Deliver the current mask to those of `nodes` that lack it; the nodes that hold it."""
         missing = [n for n in nodes if self._holders.get(n) != self.version]
         if missing:
-            content = RecordDict({"mask": array_record(self.mask.to_arrays()),
+            content = RecordDict({"mask": array_record(self.mask.to_arrays(compact=True)),
                                   "config": ConfigRecord({**self.cfg.client_config(), "mask-version": self.version})})
             replies = send_query(grid, self.cfg, self.log, content, missing, "mask")
             for nid in missing:

@@ -8,12 +8,16 @@
   inside the reply guard. Nodes report weight 1 (Flower's accountant needs equal weights).
   The statistics round gets its own Gaussian mechanism: every node's per-column mean-square
   vector is clipped to norm `stats-clip-norm` (on the node with SecAgg+, else on the server) and
-  the sum gets N(0, (sigma_s * stats-clip-norm)^2) per entry before the mask is built.
+  the sum gets N(0, (sigma_s * stats-clip-norm)^2) per entry before the mask is built. With
+  score='gradient' the nodes' gradient sums / calib-size are a second vector of the same query,
+  clipped on their own to `grad-clip-norm` and noised with N(0, (sigma_s * grad-clip-norm)^2): a
+  second Gaussian release (the statistics are then released only when N:M prunes by them).
 * Accounting: one Flower `RdpAccountant` (client level, add-or-remove-one, no sampling
   amplification: Flower's fixed-clipping wrappers support only that) holds the statistics release
-  and the training releases (the wrapper composes those itself). The round records carry
-  `dp_epsilon` / `dp_delta`; with `max-epsilon` the release that would pass it is refused
-  (`PrivacyBudgetExhausted`), and the runner stops there with the model it has.
+  (and the gradient release: each its own clip, so two releases of multiplier sigma_s rather than
+  one clip of the concatenation) and the training releases (the wrapper composes those itself).
+  The round records carry `dp_epsilon` / `dp_delta`; with `max-epsilon` the release that would
+  pass it is refused (`PrivacyBudgetExhausted`), and the runner stops there with the model it has.
 """
 from __future__ import annotations
 
@@ -35,12 +39,14 @@ from flwr.supercore.privacy_accounting import (GaussianPrivacyEvent, Neighboring
                                                SamplingMethod)
 
 from common.taskedge.allocation import Mask
-from common.privacy import stats_contribution, stats_pooled, stats_shapes
+from common.privacy import clip_grads, grad_pooled, grad_shapes, stats_contribution, stats_pooled, stats_shapes
 from common.settings import AppConfig
+from common.taskedge.scores import get_score
+from common.taskedge.stats import sum_stats
 from common.taskedge.tuner import target_modules
 
 from . import validate
-from .phases import max_examples, send_query, server_model, stats_limits
+from .phases import max_examples, send_query, server_model, stats_limits, stats_upload
 from .reconcile import stats_mask
 from .recorder import RoundLog
 from .secure import REQUEST, SecAggSettings, SecureGrid, SecureTraining, secure_sum
@@ -109,6 +115,7 @@ class Privacy:
         self.dp_strategy: Strategy | None = None
         self.pooled: dict[str, np.ndarray] | None = None  # the last pooled statistics (tests, benchmarks)
         self.released: dict[str, np.ndarray] | None = None  # the last DP statistics release (sums + noise)
+        self.pooled_grads: dict[str, np.ndarray] | None = None  # the last pooled gradient sums (DP: the release)
         self.stopped = ""
 
     @property
@@ -152,8 +159,9 @@ class Privacy:
             flwr_log(WARNING, "DP: %s; no (epsilon, delta) is reported", "adaptive clipping is not accounted by "
                      "Flower 1.42" if cfg.dp_clipping == "adaptive" else "zero noise: epsilon is infinite")
             return
-        eps = [projected_epsilon(cfg.dp_noise_multiplier, r, cfg.dp_delta, self.stats_sigma, stats_releases,
-                                 self.population) for r in range(rounds + 1)]
+        per_phase = sum(self.releases())  # statistics and / or gradient sums, one Gaussian release each
+        eps = [projected_epsilon(cfg.dp_noise_multiplier, r, cfg.dp_delta, self.stats_sigma,
+                                 stats_releases * per_phase, self.population) for r in range(rounds + 1)]
         flwr_log(INFO, "DP (%s clipping %.3g, noise multiplier %.3g, statistics %.3g x %.3g): epsilon %.3f after "
                  "%d round(s) at delta %g", cfg.dp, cfg.dp_clip_norm, cfg.dp_noise_multiplier, self.stats_sigma,
                  cfg.stats_clip_norm, eps[-1], rounds, cfg.dp_delta)
@@ -208,18 +216,34 @@ class Privacy:
         return SecureGrid(grid, self.training) if self.secure else grid
 
     # ---------------------------------------------------------------- statistics
+    def releases(self) -> tuple[bool, bool]:
+        """What a statistics phase releases: (activation statistics, gradient sums). score='gradient' builds
+        its mask from the gradient sums, and from the statistics only when N:M prunes by them, so it releases
+        (and the accountant charges) only those; every other score releases the statistics."""
+        tcfg = self.cfg.taskedge_config()
+        spec = get_score(tcfg.score)
+        return (not spec.needs_gradients or spec.needs_stats or tcfg.nm is not None), spec.needs_gradients
+
     def statistics_phase(self, grid: Grid, nodes: list[int], server_round: int = 0) -> Mask | None:
-        """The statistics round, securely summed and/or with the Gaussian mechanism; the global mask."""
+        """The statistics round, securely summed and/or with the Gaussian mechanism; the global mask.
+
+        score='gradient': the nodes' gradient sums travel in the same query, as a second vector with its own
+        clip (`grad-clip-norm`, common.privacy `grad_contribution`), its own noise N(0, (sigma_s x bound)^2) and
+        its own Gaussian release in the accountant (two releases of multiplier sigma_s when both go out)."""
         cfg, log = self.cfg, self.log
         base, tcfg = server_model(cfg), cfg.taskedge_config()
-        shapes, rows = stats_limits(base, cfg, target_modules(base, tcfg))
+        targets = target_modules(base, tcfg)
+        shapes, rows = stats_limits(base, cfg, targets)
         modules = sorted(shapes)
         max_rows = {m: rows[m] * cfg.calib_size for m in modules}
-        bound = cfg.stats_clip_norm
+        bound, gbound, gscale = cfg.stats_clip_norm, cfg.grad_clip_norm, float(cfg.calib_size)
+        with_stats, with_grads = self.releases()
+        gshapes = {n: (m.weight.shape[0], m.weight[0].numel()) for n, m in targets.items()} if with_grads else None
+        releases = int(with_stats) + int(with_grads)
         event = None
         if self.dp and self.accountant is not None:
             event = GaussianPrivacyEvent(self.stats_sigma, len(nodes), self.population)
-            if cfg.max_epsilon and self.accountant.would_exceed(event):
+            if cfg.max_epsilon and self.accountant.would_exceed(event, count=releases):
                 raise PrivacyBudgetExhausted(
                     f"the statistics release would push epsilon past max-epsilon={cfg.max_epsilon:g} (spent so far: "
                     f"{self.accountant.get_privacy_spent().epsilon:.4g} at delta {cfg.dp_delta:g})")
@@ -227,52 +251,88 @@ class Privacy:
         from .phases import stats_config  # the client keys + the server's backbone fingerprint
 
         config = stats_config(cfg)
+        grads: list[tuple[dict, bool]] = []  # plain / DP: each node's clipped sums
+        gsums: list[np.ndarray] = []  # secure: the summed vectors
         if self.secure:
             req = ConfigRecord({"message-type": "query.stats", "clipping-range": bound, "stats-bound": bound,
-                                "weighted": weighted, "modules": modules, "max-rows": [max_rows[m] for m in modules]})
+                                "weighted": weighted, "modules": modules, "max-rows": [max_rows[m] for m in modules],
+                                "with-stats": with_stats, "grad-bound": gbound if with_grads else 0.0,
+                                "grad-scale": gscale})
             requests = {n: RecordDict({"config": config, REQUEST: req}) for n in nodes}
             settings = SecAggSettings.from_config(cfg, bound)
-            res = secure_sum(grid, requests, stats_shapes(shapes, modules), settings, server_round, cfg.round_timeout)
+            vectors = ((stats_shapes(shapes, modules) if with_stats else [])
+                       + (grad_shapes(gshapes, modules) if with_grads else []))
+            res = secure_sum(grid, requests, vectors, settings, server_round, cfg.round_timeout)
             for nid, why in res.dropped.items():
                 log.drop(nid, f"statistics: {why}")
-            log.add(query_bytes_down=res.bytes_down, query_bytes_up=res.bytes_up)
+            log.add(query_bytes_down=res.bytes_down, query_bytes_up=res.bytes_up, stats_bytes_up=res.bytes_up,
+                    stats_replies=len(res.active))
             log.set(stats_secagg_time_s=res.seconds, stats_secagg_active=len(res.active),
                     stats_quant_bound=2.0 * bound * len(res.active) / settings.quantization_range)  # per summed entry
+            if with_grads:  # the masked gradient vectors (int64 on the wire), and the error of a summed entry
+                log.add(grad_bytes_up=sum(res.vector_bytes[-(len(modules) + 1):]))
+                log.set(grad_quant_bound=2.0 * gbound * len(res.active) / settings.quantization_range)
             if res.sums is None:
                 log.info("Statistics phase: %s", res.reason)
                 return None
-            sums, count = res.sums, len(res.active)
+            split = len(modules) + 2 if with_stats else 0
+            sums, gsums, count = res.sums[:split], res.sums[split:], len(res.active)
         else:
             replies = send_query(grid, cfg, log, RecordDict({"config": config}), nodes, "stats")
+            log.add(**stats_upload(replies.values(), with_grads))
             stats = []
             for nid in nodes:
                 try:
                     if nid not in replies:
                         raise validate.BadReply("no reply before the timeout")
-                    st, _, _ = validate.stats_reply(replies[nid], shapes, rows, cfg.calib_size, max_examples(cfg))
+                    st, _, _ = validate.stats_reply(replies[nid], shapes, rows, cfg.calib_size, max_examples(cfg),
+                                                    None, gshapes)
                 except Exception as exc:  # noqa: BLE001 - one reply never stops the phase
                     log.drop(nid, f"statistics: {exc}")
                     continue
                 stats.append(st)
-            contributions = [stats_contribution(st, modules, max_rows, bound, bound, weighted) for st in stats]
+            contributions = ([stats_contribution(st, modules, max_rows, bound, bound, weighted) for st in stats]
+                             if with_stats else [])
             sums = [np.sum(parts, axis=0) for parts in zip(*contributions)] if contributions else []
+            # the plain phase's clip (server/phases.py), so a run without noise gives the plain mask
+            grads = [clip_grads(st, modules, gscale, gbound) for st in stats] if with_grads else []
             count = len(stats)
         log.info("Statistics phase: %d/%d nodes in the %ssum", count, len(nodes), "secure " if self.secure else "")
         if count < cfg.min_replies or count == 0:
             return None
-        noise = None
+        noise = gnoise = None
         if self.dp:
-            sd = self.stats_sigma * bound
-            noise = [np.random.normal(0.0, sd, shapes[m]) for m in modules] if sd > 0 else None
-            # the release itself (what the mask is built from, before the clamp at 0)
-            self.released = {m: sums[i] + (noise[i] if noise is not None else 0.0) for i, m in enumerate(modules)}
-            log.set(dp_stats_noise_std=sd, dp_stats_clip_norm=bound)
+            sd, gsd = self.stats_sigma * bound, self.stats_sigma * gbound
+            if with_stats:
+                noise = [np.random.normal(0.0, sd, shapes[m]) for m in modules] if sd > 0 else None
+                # the release itself (what the mask is built from, before the clamp at 0)
+                self.released = {m: sums[i] + (noise[i] if noise is not None else 0.0) for i, m in enumerate(modules)}
+                log.set(dp_stats_noise_std=sd, dp_stats_clip_norm=bound)
+            if with_grads:  # in the units of grad_contribution (sums / calib-size), sensitivity grad-clip-norm
+                gnoise = [np.random.normal(0.0, gsd, gshapes[m]) for m in modules] if gsd > 0 else None
+                log.set(dp_grad_noise_std=gsd, dp_grad_clip_norm=gbound)
             if event is not None:
-                self.accountant.compose(event)
+                self.accountant.compose(event, releases)
             self.record()
-        self.pooled, info = stats_pooled(sums, modules, max_rows, bound, weighted, noise)
-        log.set(stats_nodes=count, **({} if self.dp else {"stats_clipped": info["clipped"]}))  # DP: un-noised count
-        return stats_mask(base, tcfg, [self.pooled], "sum")
+        pooled: dict[str, np.ndarray] = {}
+        log.set(stats_nodes=count)
+        if with_stats:
+            self.pooled, info = stats_pooled(sums, modules, max_rows, bound, weighted, noise)
+            pooled.update(self.pooled)
+            if not self.dp:  # DP: no un-noised count
+                log.set(stats_clipped=info["clipped"])
+        if with_grads:
+            if self.secure:
+                summed, gclipped = grad_pooled(gsums, modules, gscale, gbound, bound, gnoise)
+            else:
+                summed, gclipped = sum_stats([g for g, _ in grads]), sum(c for _, c in grads)
+                if gnoise is not None:
+                    summed = {f"{m}.g": summed[f"{m}.g"] + gnoise[i] * gscale for i, m in enumerate(modules)}
+            self.pooled_grads = summed
+            pooled.update(summed)
+            if not self.dp:
+                log.set(grad_clipped=gclipped)
+        return stats_mask(base, tcfg, [pooled], "sum")
 
 
 class PrivacyLedger(Strategy):

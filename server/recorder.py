@@ -23,6 +23,7 @@ from .checkpoint import Checkpoint, save_checkpoint
 CSV_FIELDS = ["round", "central_acc", "central_loss", "fed_acc", "fed_loss", "train_loss", "train_acc",
               "replies", "dropped", "skipped", "bytes_up", "bytes_down", "bytes_up_per_client",
               "bytes_down_per_client", "eval_bytes_down", "eval_bytes_up", "query_bytes_up", "query_bytes_down",
+              "stats_bytes_up", "grad_bytes_up",  # of query_bytes_up: the statistics query, its gradient sums
               "cum_bytes", "trainable_entries", "mask_entries", "round_time_s", "wall_time_s",
               "dp_epsilon", "dp_delta", "secagg_active", "secagg_quant_bound"]  # privacy (server/privacy.py)
 

@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint, load_checkpoint
 from .codec import ValueCodec
 from .guard import ReplyGuard
 from .messages import array_record, wait_for_nodes
-from .phases import MaskDelivery, classes_phase, max_examples, statistics_phase
+from .phases import MaskDelivery, classes_phase, max_examples, setup_cohort, statistics_phase
 from .recorder import RoundLog, RunRecorder, new_run_dir
 from .privacy import Privacy, PrivacyBudgetExhausted
 from .robust import UpdateClipping
@@ -129,8 +129,9 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
         raise ValueError(f"run config 'resume': checkpoint is for method {ck.method!r}, not {cfg.method!r}")
     nodes = wait_for_nodes(grid, cfg.min_nodes)  # min-nodes: only before the first phase (no time limit)
     # the classes the data names (every later message carries them); a resumed run keeps the checkpoint's
+    cohort = setup_cohort(nodes, cfg)  # setup-fraction: the nodes the classes and statistics phases ask
     cfg = fed.cfg = (replace(cfg, **{k.replace("-", "_"): ck.config[k] for k in ("class-names", "num-classes")
-                                     if k in ck.config}) if ck is not None else classes_phase(grid, cfg, nodes, log))
+                                     if k in ck.config}) if ck is not None else classes_phase(grid, cfg, cohort, log))
     delivery = MaskDelivery(cfg, log) if cfg.method in MASK_METHODS else None
     connected = _Nodes(grid, cfg, log, fed.run_dir, nodes)
     privacy = Privacy(cfg, log, delivery, nodes, fed.run_dir)  # inactive unless secure-aggregation / dp is set
@@ -141,7 +142,7 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
         fed.arrays = get_arrays(cfg.method, method_model(cfg))
     elif ck is None:
         try:
-            _reconcile(grid, fed, delivery, log, nodes, privacy)
+            _reconcile(grid, fed, delivery, log, cohort, privacy)
         except PrivacyBudgetExhausted as exc:  # not even the statistics release fits max-epsilon
             privacy.stopped = f"stopped before training: {exc}"
             log.info("Privacy budget: %s", privacy.stopped)
@@ -154,14 +155,16 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
         log.info("Resuming from %s at round %d", cfg.resume, ck.round)
     done = ck.round if ck else 0
     if delivery is not None:
-        delivery.ensure(grid, connected(done + 1))  # the mask phase: also tells each node's budget rank
-    nested = cfg.method == "taskedge" and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks))
+        # the mask phase (also tells each node's budget rank); outside the setup cohort a node gets it when sampled
+        delivery.ensure(grid, setup_cohort(connected(done + 1), cfg))
+    nested = cfg.method == "taskedge" and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks)
+                                           or cfg.setup_fraction < 1)  # ranks outside the cohort are not known yet
     evaluate = cfg.fraction_evaluate > 0 and not privacy.active
     if cfg.fraction_evaluate > 0 and privacy.active:
         log.info("Federated evaluation is off with %s: each node's loss, accuracy and test-split size would reach "
                  "the server in the clear (fraction-evaluate=%g ignored)",
                  "secure-aggregation" if cfg.secure_aggregation else "dp", cfg.fraction_evaluate)
-    strategy = make_strategy(cfg, delivery, nested, evaluate)
+    strategy = make_strategy(cfg, delivery, nested, evaluate, wrapped=privacy.dp or wrap is not None)
     keys = list(fed.arrays)
     restore_momentum(strategy, ck.opt_state if ck else {}, keys)
     inner = privacy.wrap(strategy, wrap, nested)  # `wrap`, or run config dp's wrapper; privacy bookkeeping
@@ -201,8 +204,8 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
     every = cfg.reconcile_every if delivery is not None else 0
     while done < cfg.num_server_rounds:
         try:  # a statistics release (re-reconciliation) or a training release may meet max-epsilon
-            if every and done > 0 and done % every == 0 and not first and _reconcile(grid, fed, delivery, log,
-                                                                                     connected(done + 1), privacy):
+            if every and done > 0 and done % every == 0 and not first and _reconcile(
+                    grid, fed, delivery, log, setup_cohort(connected(done + 1), cfg, salt=done), privacy):
                 model = method_model(cfg, fed.mask)
                 restore_momentum(strategy, {}, keys)
             rounds = min(every - done % every if every else cfg.num_server_rounds, cfg.num_server_rounds - done)
@@ -283,4 +286,10 @@ def summarize(history: list[dict], method: str) -> dict:
          "skipped_rounds": sum(bool(r.get("skipped")) for r in trained)}
     bound = mean("bound_bytes_per_client")
     s["bound_ratio"] = s["upload_bytes_per_client_round"] / bound if bound else None
+    # the first statistics query's upload per replying node (with SecAgg+ the whole protocol's), and of that the
+    # one-off gradient sums of score='gradient' (None without them): setup costs a benchmark reports beside rounds
+    setup = next((r for r in history if r.get("stats_replies")), None)
+    s["setup_upload_bytes_per_client"] = setup["stats_bytes_up"] / setup["stats_replies"] if setup else None
+    s["grad_upload_bytes_per_client"] = (setup["grad_bytes_up"] / setup["stats_replies"]
+                                         if setup and "grad_bytes_up" in setup else None)
     return s

@@ -93,6 +93,7 @@ class SecureSum:
     seconds: float = 0.0
     collect_seconds: float = 0.0  # the collect stage's round trip: the nodes' own work (training) + masking
     reason: str = ""
+    vector_bytes: list[int] = field(default_factory=list)  # per contributed vector: its masked bytes, all nodes
 
     @property
     def overhead_seconds(self) -> float:
@@ -179,6 +180,7 @@ class _StageGrid(_DelegatingGrid):
         self.dropped: dict[int, str] = {}
         self.bytes_down = self.bytes_up = 0
         self.seconds: dict[str, float] = {}  # wall time of each stage's round trip
+        self.vector_bytes = [0] * len(shapes)  # masked bytes of each contributed vector, over the checked replies
 
 
     def _collect_message(self, msg: Message) -> Message:
@@ -209,6 +211,8 @@ class _StageGrid(_DelegatingGrid):
                     raise ValueError("masked array outside [0, modulus)")
             if compat.recorddict_to_fitres(reply.content, keep_input=True).num_examples != 1:
                 raise ValueError("weight other than 1 (the weights travel inside the sum)")
+            for i, blob in enumerate(blobs[1:]):
+                self.vector_bytes[i] += len(blob)
         elif stage == Stage.UNMASK:
             self._id_value_lists(conf, Key.NODE_ID_LIST, "share owner", Key.SHARE_LIST, "share")
 
@@ -293,7 +297,7 @@ def secure_sum(grid: Grid, requests: dict[int, RecordDict], shapes: list[tuple[i
         except Exception as exc:  # noqa: BLE001 - whatever a reply did inside Flower's protocol, the run goes on
             error, legacy.mean = f"secure aggregation failed ({type(exc).__name__}: {exc}); round skipped", None
     res = SecureSum(None, [], dict(stage_grid.dropped), stage_grid.bytes_down, stage_grid.bytes_up, time.time() - t0,
-                    stage_grid.seconds.get(Stage.COLLECT_MASKED_VECTORS, 0.0))
+                    stage_grid.seconds.get(Stage.COLLECT_MASKED_VECTORS, 0.0), vector_bytes=stage_grid.vector_bytes)
     if legacy.mean is None:
         res.reason = error or (
             f"secure aggregation needs at least {MIN_SECURE_NODES} nodes, got {len(nodes)}"

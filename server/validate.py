@@ -223,8 +223,9 @@ def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_ex
     shapes: module -> statistic shape; rows_per_example: module -> rows one calibration example
     adds to that module's count, so a row count must be a multiple of it and at most
     `calib_size` examples' worth (the sum over clients then cannot overflow). grad_shapes
-    (score='gradient'): module -> (rows, width) of the signed gradient sums, returned in the stats
-    as '<module>.g' (finite, |value| <= MAX_ABS)."""
+    (score='gradient'): module -> (rows, width) of the signed gradient sums, sent as float32 (half
+    the bytes of float64; autograd summed them in float32) and returned in the stats as '<module>.g'
+    in float64 (finite, |value| <= MAX_ABS), so the server adds them up in float64."""
     expected = ("info", "stats") + (("votes",) if vote_sizes is not None else ()) + (("grads",) if grad_shapes else ())
     check_error(msg, expected)
     info = _record(msg, "info", MetricRecord)
@@ -253,8 +254,9 @@ def stats_reply(msg: Message, shapes: Mapping[str, tuple[int, ...]], rows_per_ex
                 raise BadReply(f"'{key}' must be unique integer indices in [0, {size})")
             votes[key] = arr
     if grad_shapes:
-        specs = {f"{m}.g": (shape, "float64") for m, shape in grad_shapes.items()}
-        stats.update(_bounded(decode(_record(msg, "grads", ArrayRecord), specs)))
+        specs = {f"{m}.g": (shape, "float32") for m, shape in grad_shapes.items()}
+        grads = decode(_record(msg, "grads", ArrayRecord), specs, copy=False, bound=MAX_ABS)
+        stats.update({k: v.astype(np.float64) for k, v in grads.items()})
     return stats, votes, {"num-examples": n_train}
 
 

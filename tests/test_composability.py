@@ -22,9 +22,42 @@ def _cfg(weights, tmp_path, rounds=2):
                              "min-nodes": 2, "fraction-evaluate": 0.0})
 
 
-def test_strategy_is_flowers_fedavg_with_its_own_aggregation():
-    assert issubclass(TaskEdgeFedAvg, FedAvg)
-    assert TaskEdgeFedAvg.aggregate_train is FedAvg.aggregate_train  # what DP accounting requires
+@pytest.mark.parametrize("weights", [[3, 3, 3, 5, 5], list(range(1, 13))])  # grouped / one reused buffer
+def test_strategy_is_flowers_fedavg_with_its_one_pass_mean(weights):
+    """OnePassFedAvg.aggregate_train gives Flower's FedAvg result on the same
+    replies, also after the reply guard swapped in decoded views, and the hand-computed weighted mean."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    from server.strategy import OnePassFedAvg
+    from server.validate import DecodedArray
+
+    assert issubclass(OnePassFedAvg, TaskEdgeFedAvg) and issubclass(TaskEdgeFedAvg, FedAvg)
+    assert TaskEdgeFedAvg.aggregate_train is FedAvg.aggregate_train  # what Flower's DP accounting requires
+    rng = np.random.default_rng(1)
+    vals = [{"values": rng.standard_normal(257).astype(np.float32), "head": rng.standard_normal((3, 4)).astype(np.float32)}
+            for _ in weights]
+
+    def replies(decoded: bool):
+        out = []
+        for i, (v, w) in enumerate(zip(vals, weights)):
+            rec = ArrayRecord({k: Array(a) for k, a in v.items()})
+            if decoded:
+                for k in list(rec):
+                    rec[k] = DecodedArray.of(rec[k], v[k])
+            msg = Message(RecordDict({"arrays": rec, "metrics": MetricRecord({"num-examples": w, "train-loss": 0.1 * i})}),
+                          dst_node_id=i + 1, message_type="train")
+            out.append(Message(msg.content, reply_to=msg))
+        return out
+
+    ref, ref_m = FedAvg().aggregate_train(1, replies(False))
+    for decoded in (False, True):
+        got, got_m = OnePassFedAvg().aggregate_train(1, replies(decoded))
+        assert list(got) == list(ref) and dict(got_m) == dict(ref_m)
+        for k in ref:
+            hand = sum(w * v[k].astype(np.float64) for v, w in zip(vals, weights)) / sum(weights)
+            np.testing.assert_allclose(got[k].numpy(), ref[k].numpy(), rtol=0, atol=2e-6)
+            np.testing.assert_allclose(got[k].numpy(), hand, rtol=0, atol=2e-6)
+            assert got[k].numpy().dtype == np.float32 and got[k].numpy().shape == vals[0][k].shape
 
 
 @pytest.mark.parametrize("rounds, atol", [(1, 1e-7), (2, 1e-4)])

@@ -44,10 +44,13 @@ def test_fleet_simulation_benchmark_measures_memory_per_role(tmp_path):
     from benchmarks.bench_fleet_sim import main
 
     before = dict(settings.DEFAULTS)
-    doc = main(["--nodes", "6", "--fraction", "0.5", "--rounds", "1", "--server-test-size", "50",
-                "--json", str(tmp_path / "f.json")])
+    doc = main(["--nodes", "6", "--fraction", "0.5", "--rounds", "2", "--server-test-size", "50",
+                "--setup-fraction", "0.5", "--examples-per-node", "12", "--json", str(tmp_path / "f.json")])
     assert settings.DEFAULTS == before
-    assert doc["rounds_done"] == 1 and doc["final_acc"] is not None
-    assert doc["replies_per_round"][-1] == 3  # half of 6 nodes sampled, all replied
-    assert doc["memory"]["server"]["rss_mib_max_per_process"] > 0
-    assert doc["max_actor_processes_seen"] >= 1 and doc["memory"]["actor"]["uss_mib_max_per_process"] > 0
+    assert doc["rounds"] == 2 and doc["final_acc"] is not None and doc["replies_per_round"] == [3, 3]
+    assert doc["client_rounds"] == 6 and abs(doc["client_rounds_per_hour"] / (6 / doc["wall_s"] * 3600) - 1) < 0.02
+    assert doc["calls_by_type"]["query.stats"]["calls"] == 3  # the setup cohort: half of the 6 nodes
+    assert doc["calls_by_type"]["train"]["calls"] == 6 and len(doc["per_round"]) == 2
+    assert 0 < doc["memory_per_idle_client"]["state_bytes_max"] < 64 * 1024
+    assert doc["server_memory_mib"]["rss_mib_max_per_process"] > 0
+    assert doc["max_actor_processes_seen"] >= 1 and doc["memory_per_active_worker_mib"]["uss_mib_max_per_process"] > 0

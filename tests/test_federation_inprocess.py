@@ -275,10 +275,11 @@ def test_gradient_replies_are_validated(weights, tmp_path):
     st, _, _ = validate.stats_reply(reply, shapes, rows, cfg.calib_size, max_examples(cfg), None, gshapes)
     assert all(f"{n}.g" in st and st[f"{n}.g"].shape == gshapes[n] for n in gshapes)
     name = min(gshapes)
-    for bad, why in ((np.full(gshapes[name], np.nan), "NaN/Inf"), (np.full(gshapes[name], 1e9), "> 1e"),
-                     (np.zeros((3, 3)), "shape")):
+    for bad, why in ((np.full(gshapes[name], np.nan, np.float32), "NaN/Inf"),
+                     (np.full(gshapes[name], 1e9, np.float32), "> 1e"), (np.zeros((3, 3), np.float32), "shape"),
+                     (np.zeros(gshapes[name], np.float64), "dtype float64, expected float32")):
         grads = dict(reply.content["grads"].items())
-        grads[f"{name}.g"] = Array(bad.astype(np.float64))
+        grads[f"{name}.g"] = Array(bad)
         content = RecordDict({k: reply.content[k] for k in ("info", "stats")})
         content["grads"] = ArrayRecord(grads)
         msg = Message(content, reply_to=out)

@@ -72,11 +72,9 @@ def test_gradient_score_mask_is_the_neuron_level_top_k_of_the_gradients():
 def test_unlabelled_calibration_and_unsupported_combinations_are_refused_by_name():
     with pytest.raises(ValueError, match="labelled calibration batches"):
         get_taskedge_model(tiny_vit(), TaskEdgeConfig(budget=0.02, score="gradient"), [torch.randn(4, 3, 16, 16)])
-    with pytest.raises(ValueError, match="nm: N:M pruning needs a weight-based score"):
-        TaskEdgeConfig(score="gradient", nm=(2, 4))
+    assert TaskEdgeConfig(score="gradient", nm=(2, 4)).nm == (2, 4)  # pruned by |W|·‖X‖ (tests/test_gradient_private)
     assert parse_run_config({"score": "gradient"}).score == "gradient"
-    for extra, why in (({"reconcile": "vote"}, "run config 'score': '?gradient'? needs reconcile='stats'"),
-                       ({"dp": "server"}, "run config 'score':.*secure aggregation / DP do not cover"),
-                       ({"nm": "2:4"}, "run config 'nm': N:M pruning needs a weight-based score")):
-        with pytest.raises(ValueError, match=why):  # TaskEdgeConfig's own rule, under the run-config key
-            parse_run_config({"score": "gradient", **extra})
+    for extra in ({"dp": "server"}, {"secure-aggregation": True, "clip-norm": 1.0}, {"nm": "2:4"}):
+        assert parse_run_config({"score": "gradient", **extra}).score == "gradient"  # SecAgg+ / DP / N:M carry it
+    with pytest.raises(ValueError, match="run config 'score': '?gradient'? needs reconcile='stats'"):
+        parse_run_config({"score": "gradient", "reconcile": "vote"})

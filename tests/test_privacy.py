@@ -354,7 +354,7 @@ def test_dp_noise_sd_on_the_aggregate_is_noise_multiplier_times_clip_over_n(weig
     cfg = parse_run_config(method="head-only", dp="client", dp_clip_norm=clip, dp_noise_multiplier=sigma)
     grid = InProcessGrid(create_app(), n)
     privacy = Privacy(cfg, RoundLog(), None, sorted(grid.get_node_ids()))
-    strategy = privacy.wrap(make_strategy(cfg, None, False))
+    strategy = privacy.wrap(make_strategy(cfg, None, False, wrapped=True))
     arrays = array_record({"w": np.zeros(20_000, np.float32)})
     msgs = [stamp(m) for m in strategy.configure_train(1, arrays, ConfigRecord(), grid)]
     assert len(msgs) == n

@@ -326,3 +326,18 @@ def generate(spec: TaskSpec, split: str, n: int, seed: int) -> tuple[np.ndarray,
         ys.append(y)
     return np.concatenate(xs)[:n], np.concatenate(ys)[:n]
 
+
+
+FLEET_STREAM = 1_000_003  # seeds the per-node streams apart from every split's (whose second entry is < len(SPLITS))
+
+
+def generate_node(spec: TaskSpec, node: int, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`n` training images that belong to node `node` alone: its own seeded stream, disjoint from the task's
+    train / calib / test / val splits and from every other node's, rendered in one chunk of `n`.
+
+    Why: a fleet-scale simulation (thousands of nodes) cannot hold a shared split big enough for every node in
+    every Ray actor; a device renders (i.e. owns) its data, as a real one would, in a few milliseconds."""
+    if n <= 0 or node < 0 or seed < 0:
+        raise ValueError(f"need n > 0, node >= 0 and seed >= 0, got n={n}, node={node}, seed={seed}")
+    ss = np.random.SeedSequence([seed, FLEET_STREAM, zlib.crc32(spec.name.encode()), node])
+    return _render(spec, np.random.default_rng(ss), n, "train")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.data.render import generate
+from common.data.render import generate, generate_node
 from common.data.tasks import DEFAULT_TASK, SPLITS, TaskSpec, as_spec
 
 __all__ = ["DATA_VERSION", "cache_dir", "fingerprint", "make_split", "normalize"]
@@ -64,3 +64,11 @@ def make_split(
         os.replace(tmp, path)  # atomic: concurrent clients never read a partial file
     return normalize(x, spec), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))
 
+
+
+def node_split(task: str | TaskSpec, node: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Node `node`'s own `n` training examples (common.data.render.generate_node), normalised; not cached:
+    at fleet scale a node is sampled once in many rounds, and rendering them takes milliseconds."""
+    spec = as_spec(task)
+    x, y = generate_node(spec, int(node), int(n), int(seed))
+    return normalize(x, spec), torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64))

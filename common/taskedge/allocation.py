@@ -60,12 +60,17 @@ class Mask:
             pos[n] = p
         return pos
 
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        """Wire / checkpoint form: '<name>.idx', '<name>.rank' int64 and '<name>.shape'."""
+    def to_arrays(self, compact: bool = False) -> dict[str, np.ndarray]:
+        """Wire / checkpoint form: '<name>.idx', '<name>.rank' int64 and '<name>.shape'. `compact`: idx and
+        rank in the smallest unsigned type that holds them (uint32 / uint8 on real models): the mask delivery
+        sends, and every node keeps in its state between rounds, ~5 bytes per entry instead of 16."""
         out = {}
         for n in self.names():
-            out[f"{n}.idx"] = self.indices[n].numpy().astype(np.int64)
-            out[f"{n}.rank"] = self.ranks[n].numpy().astype(np.int64)
+            idx, rank = self.indices[n].numpy().astype(np.int64), self.ranks[n].numpy().astype(np.int64)
+            if compact:
+                idx = idx.astype(np.min_scalar_type(max(int(self.shapes[n][0]) * int(self.shapes[n][1]) - 1, 0)))
+                rank = rank.astype(np.min_scalar_type(int(rank.max()) if rank.size else 0))
+            out[f"{n}.idx"], out[f"{n}.rank"] = idx, rank
             out[f"{n}.shape"] = np.array(self.shapes[n], dtype=np.int64)
         for n in sorted(self.norms or {}):
             out[f"{n}.norm"] = self.norms[n].detach().cpu().numpy()

@@ -32,7 +32,8 @@ class TaskEdgeConfig:
         nn.Linear / nn.Conv2d of the backbone except the classifier head.
     exclude_modules: regular expressions removed from the targets.
     head: module name of the classifier head (trained densely); None = detect from timm.
-    nm: (N, M) semi-structured sparsity of the merged weight, e.g. (2, 4); None = off.
+    nm: (N, M) semi-structured sparsity of the merged weight, e.g. (2, 4); None = off. The base weights are
+        pruned by the score (by |W|·‖X‖ for "gradient": `tuner.prune_score`), the entries chosen among the kept.
     save_dtype: precision of the input columns kept for the backward pass.
     conv_grad: how conv value gradients are computed ("sparse" offset sums, "dense"
         weight gradient then gather; "auto" = dense only for an ungrouped conv whose mask holds more
@@ -61,7 +62,7 @@ class TaskEdgeConfig:
             raise ValueError(f"budget must be > 0 (fraction in (0, 1) or count >= 1), got {self.budget!r}")
         if self.budget >= 1 and float(self.budget) != int(self.budget):
             raise ValueError(f"budget >= 1 is an entry count and must be an integer, got {self.budget!r}")
-        score = get_score(self.score)
+        get_score(self.score)  # a ValueError naming the scores
         _choice("allocation", self.allocation, ALLOCATIONS)
         _choice("save_dtype", self.save_dtype, SAVE_DTYPES)
         _choice("conv_grad", self.conv_grad, CONV_GRADS)
@@ -69,9 +70,6 @@ class TaskEdgeConfig:
             raise ValueError(f"per_neuron must be a number >= 0 (0 = use budget), got {self.per_neuron!r}")
         if isinstance(self.col_cap, bool) or not isinstance(self.col_cap, (int, float)) or not self.col_cap >= 1:
             raise ValueError(f"col_cap must be a number >= 1, got {self.col_cap!r}")
-        if self.nm is not None and score.fn is None:
-            raise ValueError("nm: N:M pruning needs a weight-based score (the base weights are pruned by it); "
-                             f"score={self.score!r} is not supported with nm")
         if self.nm is not None:
             n, m = tuple(self.nm)
             if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):

@@ -14,9 +14,13 @@ gradients are taken through the fitted head. GPS avoids the same problem with a 
 
 In a federation every node sends its signed sums (`signed=True`, each through its own probe of
 its own calibration data) in the statistics round and the server takes |Σ_nodes| — exact for
-the pooled calibration loss up to the nodes' different probes. It costs one dense, weight-sized
-upload per node once (float64), which is why it is opt-in there, and secure aggregation / DP do
-not cover it yet (common.settings refuses those combinations).
+the pooled calibration loss up to the nodes' different probes. It costs one dense upload per node
+once, of the target weights only (float32: autograd accumulates in float32, so float64 would only
+double the bytes), which is why it is opt-in there. The sums are sums: SecAgg+ and the DP
+statistics release carry them like the activation statistics (common.privacy `grad_contribution`:
+each node's sums / calib-size clipped to `grad-clip-norm`; server/privacy.py). With N:M the base
+weights are pruned by Wanda's |W|·‖X‖ from the pooled statistics (`tuner.prune_score`) and the
+gradient picks the trainable entries among the kept ones.
 Hand-written because no library exposes GPS's selection; the code is one probe fit and one
 accumulation loop.
 """
@@ -50,7 +54,7 @@ def calibration_gradients(model: nn.Module, modules: dict[str, nn.Module], head_
                           batches: Iterable, probe_steps: int = 100, probe_lr: float = 1e-2,
                           signed: bool = False) -> dict[str, torch.Tensor]:
     """|Σ_batches dL/dW| for every module in `modules` (names as in `model`), as (rows, width) float32;
-    with `signed` the sums themselves (float64), for a server to add up over nodes.
+    with `signed` the sums themselves (float32, as accumulated), for a server to add up over nodes.
 
     `batches` yields (x, y) pairs. The model itself is not modified (a copy is probed and differentiated).
     """
@@ -71,7 +75,7 @@ def calibration_gradients(model: nn.Module, modules: dict[str, nn.Module], head_
     for x, y in pairs:
         F.cross_entropy(work(x), y, reduction="sum").backward()  # .grad accumulates over the batches
     if signed:
-        return {name: mod.weight.grad.detach().reshape(mod.weight.shape[0], -1).double() for name, mod in targets.items()}
+        return {name: mod.weight.grad.detach().reshape(mod.weight.shape[0], -1).float() for name, mod in targets.items()}
     return {name: mod.weight.grad.detach().abs().reshape(mod.weight.shape[0], -1).float()
             for name, mod in targets.items()}
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import replace
 from collections.abc import Iterable
 
 import torch
@@ -136,7 +137,8 @@ def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.
     if config.nm is not None:
         n, m = config.nm
         pruned = set(nm_names(model, config))
-        scores = {k: s.masked_fill(~nm_keep(s, n, m), float("-inf")) if k in pruned else s
+        by = scores if prune_score(config) == config.score else _prune_scores(model, config, norms)
+        scores = {k: s.masked_fill(~nm_keep(by[k], n, m), float("-inf")) if k in pruned else s
                   for k, s in scores.items()}
     mask = allocate(scores, mask_size(model, config, scores), config.allocation, col_cap=config.col_cap)
     if config.nm is not None:
@@ -146,6 +148,18 @@ def build_mask(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.
         if norms is not None:  # the pruning's input travels with the mask: every node prunes identically
             mask.norms = {k: norms[k] for k in scores if k in norms}
     return mask
+
+
+def prune_score(config: TaskEdgeConfig) -> str:
+    """The score N:M prunes the base weights by: the selection score itself, except for a gradient score,
+    which prunes by Wanda's |W|·‖X‖ ('taskedge'; the usual N:M criterion): every node must redo the
+    pruning from what the mask carries (the pooled norms, `Mask.norms`), and gradients never travel down."""
+    return config.score if get_score(config.score).fn is not None else "taskedge"
+
+
+def _prune_scores(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Tensor] | None
+                  ) -> dict[str, torch.Tensor]:
+    return score_modules(model, replace(config, score=prune_score(config)), norms)
 
 
 def nm_names(model: nn.Module, config: TaskEdgeConfig) -> list[str]:
@@ -162,7 +176,7 @@ def apply_nm(model: nn.Module, config: TaskEdgeConfig, norms: dict[str, torch.Te
     if config.nm is None:
         return
     n, m = config.nm
-    scores = score_modules(model, config, norms)
+    scores = _prune_scores(model, config, norms)
     mods = target_modules(model, config)
     for name in nm_names(model, config):
         mod = mods[name]
