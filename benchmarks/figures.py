@@ -8,7 +8,8 @@ results/fed_budget.json (bench_federation.py --budget-sweep), results/sweep.json
 Outputs: fed_accuracy_rounds.png (suite-mean accuracy vs round, mean +- sd over partition seeds,
 one panel per partition), fed_accuracy_rounds_tasks.png (per task, Dirichlet), acc_vs_trainable.png
 (TaskEdge budget sweep vs LoRA rank sweep, central and federated), acc_vs_upload.png (accuracy vs
-cumulative upload per client) and results_table.md.
+cumulative upload per client), fed_acc_vs_upload.png (the same with the setup upload, every method,
+± sd bands, one panel per partition; also written by bench_federation.py) and results_table.md.
 """
 from __future__ import annotations
 
@@ -245,6 +246,51 @@ def fig_upload(bench: dict, out: Path, part: str = "dirichlet") -> Path | None:
     return _save(plt, fig, out)
 
 
+def fig_fed_upload(bench: dict, out: Path) -> Path | None:
+    """Accuracy vs cumulative upload per client (setup included, log x), every method, mean ± sd over seeds of
+    the suite-mean curve, one panel per partition: which method is best at a given upload budget (issue 21)."""
+    parts = [p for p in ("dirichlet", "iid") if any("cum_upload_per_client_with_setup" in c
+                                                    for c in bench.get(p, {}).get("suite_mean", {}).values())]
+    if not parts:
+        return None
+    plt = _plt()
+    budgets = bench.get("protocol_notes", {}).get("upload_budgets_bytes", {})
+    fig, axes = plt.subplots(1, len(parts), figsize=(6.4 * len(parts), 5.4), squeeze=False, sharey=True)
+    handles: dict = {}
+    for ax, part in zip(axes[0], parts):
+        sm = bench[part]["suite_mean"]
+        seeds = 0
+        for key in [k for k in LABELS if k in sm] + [k for k in sm if k not in LABELS]:
+            c = sm[key]
+            if "cum_upload_per_client_with_setup" not in c:
+                continue
+            x = np.array(c["cum_upload_per_client_with_setup"][1:])
+            n = min(len(x), len(c["curve_mean"]) - 1, len(c["curve_sd"]) - 1)
+            x, m, sd = x[:n], np.array(c["curve_mean"][1:n + 1]), np.array(c["curve_sd"][1:n + 1])
+            colour, ls = STYLE.get(key, (None, "-"))
+            (line,) = ax.plot(x, m, ls, color=colour, lw=1.5, marker="o", ms=2)
+            ax.fill_between(x, m - sd, m + sd, color=colour, alpha=0.12)
+            handles.setdefault(f"{LABELS.get(key, key)} ({c.get('rounds', n)} rounds)", line)
+            seeds = max(seeds, c.get("seeds_in_curve_sd", 0))
+        for label, b in budgets.items():
+            ax.axvline(b, color="grey", lw=0.8, ls=":")
+            ax.text(b, 0.99, f" {label}", transform=ax.get_xaxis_transform(), fontsize=7, color="grey", va="top")
+        ntasks = len(bench["setup"]["tasks"])
+        name = "Dirichlet α=0.5" if part == "dirichlet" else "IID"
+        ax.set_title(f"{name}: mean over {ntasks} task{'s' if ntasks != 1 else ''},\n±1 sd over {seeds} partition "
+                     f"seed{'s' if seeds != 1 else ''} (of the suite-mean curve)", fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("cumulative upload per client (bytes, log; setup statistics included)", fontsize=8)
+        ax.grid(alpha=0.3, which="both")
+    axes[0][0].set_ylabel("test accuracy (suite mean)")
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=7)
+    setup = bench["setup"]
+    fig.suptitle(f"Accuracy vs upload: {setup['nodes']} clients, {setup['local_epochs']} local epoch/round, "
+                 f"one point per round", fontsize=10)
+    rows = -(-len(handles) // 3)
+    return _save(plt, fig, out, rect=(0, 0.035 * rows + 0.01, 1, 1))
+
+
 def _md(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -311,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     written = []
     if bench:
         written += [fig_rounds(bench, r / "fed_accuracy_rounds.png"), fig_rounds_tasks(bench, r / "fed_accuracy_rounds_tasks.png"),
-                    fig_upload(bench, r / "acc_vs_upload.png")]
+                    fig_upload(bench, r / "acc_vs_upload.png"), fig_fed_upload(bench, r / "fed_acc_vs_upload.png")]
     if central_budget or compare or fed_budget or bench:
         written.append(fig_trainable(central_budget, compare, fed_budget, bench, r / "acc_vs_trainable.png"))
     md = table(bench, compare, central_budget)

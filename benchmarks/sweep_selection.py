@@ -81,6 +81,9 @@ def write_defaults(key: str, over: dict, sweep_file: str, path: Path) -> dict:
            "budget_per_neuron": over["budget-per-neuron"], "method": over["method"],
            "chosen_by": f"best suite-mean validation accuracy at <= {CAP:g} x FedLoRA r=8's upload per round, "
                         f"federated (benchmarks/sweep_selection.py, {sweep_file})", "label": key}
+    old_lr = doc.get("methods", {}).get("taskedge", {}).get("lr")
+    if old_lr is not None:
+        sel["paper_lr"] = doc.get("selection", {}).get("paper_lr", old_lr)  # preset="paper" keeps the paper's lr
     doc["selection"] = sel
     if "lr" in over:
         doc.setdefault("methods", {}).setdefault(over["method"], {})["lr"] = over["lr"]
@@ -114,7 +117,10 @@ def main(argv: list[str] | None = None) -> dict:
     results = run_jobs(jobs, args.workers, "selection", cache=args.cache)
     summary = summarise(results, tasks)
     chosen = choose(summary, table)
+    from common.settings import DEFAULTS
+
     doc = {"setup": {"split": "val", "partition": "dirichlet alpha=0.5", "nodes": args.nodes, "rounds": args.rounds,
+                     "local_epochs": DEFAULTS["local-epochs"],
                      "seed": 0, "tasks": tasks, "cap": f"{CAP:g} x fedlora r=8 upload per client and round",
                      "command": "python -m benchmarks.sweep_selection" + (" --quick" if args.quick else "")},
            "candidates": {k: {kk: vv for kk, vv in v.items() if kk != "reference"} for k, v in table.items()},

@@ -85,9 +85,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("head-lr", 0.0, "0 = the method's tuned default for the dense head", side="both"),
     Option("budget", _SELECTION["budget"], "fraction of backbone parameters, or an entry count >= 1 "
            "(embedded ViT: 2% = 4,269 entries ~ LoRA r=1)", side="both"),
-    Option("budget-per-neuron", float(_SELECTION.get("budget_per_neuron", 0.0)), "entries per output neuron (> 0 replaces budget: the same meaning on every "
-           "model size; ViT-B/16: 1 = the paper's 0.1 %)", side="both"),
-    Option("score", _SELECTION["score"], "importance: taskedge = abs(W)·‖X‖; gradient (opt-in) = abs(Σ dL/dW) over "
+    Option("budget-per-neuron", float(_SELECTION.get("budget_per_neuron", 0.0)),
+           "entries per output neuron (> 0 replaces budget: the same meaning on every model size; ViT-B/16: 1 = the "
+           "paper's 0.1 %); a budget set without it wins", side="both"),
+    Option("score", _SELECTION["score"], "importance: taskedge = abs(W)·‖X‖; gradient = abs(Σ dL/dW) over "
            "the nodes' labelled calibration data, one dense float32 upload per node (SecAgg+, DP and N:M apply)",
            SCORES, "both"),
     Option("allocation", _SELECTION["allocation"], "how the budget spreads: k per output neuron, capped, or global",

@@ -343,6 +343,8 @@ def parse_run_config(run_config: dict[str, Any] | None = None, **overrides: Any)
         from common.tuned import paper_selection
 
         merged.update({k: _typed(k, v) for k, v in paper_selection().items() if k not in given})
+    if "budget" in given and "budget-per-neuron" not in given:
+        merged["budget-per-neuron"] = 0.0  # a budget the user sets is the budget, whatever the default's form
     merged["method"] = ALIASES.get(merged["method"], merged["method"])  # an older spelling (common.registry)
     _check(merged)
     if merged["lr"] == 0.0:

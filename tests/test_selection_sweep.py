@@ -18,6 +18,8 @@ def test_paper_preset_restores_the_papers_selection_and_explicit_keys_win():
     assert (paper.score, paper.allocation, paper.budget, paper.budget_per_neuron) == ("taskedge", "neuron", 0.02, 0.0)
     mine = parse_run_config({"preset": "paper", "budget": 0.04, "score": "magnitude"})
     assert (mine.score, mine.budget, mine.budget_per_neuron) == ("magnitude", 0.04, 0.0)
+    assert parse_run_config({"budget": 0.04}).budget_per_neuron == 0.0  # a budget set explicitly is the budget
+    assert parse_run_config({"budget": 0.04, "budget-per-neuron": 3.0}).budget_per_neuron == 3.0
     with pytest.raises(ValueError, match="run config 'preset': must be one of '', paper, got 'x'"):
         parse_run_config({"preset": "x"})
 

@@ -268,10 +268,22 @@ def test_bench_federation_quick_writes_the_schema(tmp_path):
     from benchmarks.bench_federation import main
 
     out = tmp_path / "b.json"
-    res = main(["--quick", "--methods", "taskedge-paper,head-only,taskedge-lora", "--nodes", "2",
+    res = main(["--quick", "--methods", "taskedge-paper,head-only,taskedge-lora,fedavg-full", "--nodes", "2",
                 "--server-test-size", "100", "--skip-micro", "--json", str(out)])
     doc = json.loads(out.read_text())
     assert doc["default_method"] == "taskedge-best" and res["setup"]["rounds"] == 2
+    assert doc["rounds_by_method"]["head-only"] == 2 and (tmp_path / "b_acc_vs_upload.png").stat().st_size > 0
+    for key in ("taskedge-paper", "head-only", "fedavg-full"):  # issue 21's protocols, computed from the quick runs
+        proto = doc["protocols"]["dirichlet"][key]
+        assert set(proto["best_acc_within_upload"]) == {"0.25MB", "1MB", "4MB"}
+        assert set(proto["best_acc_within_rounds"]) == {"1", "2"}
+        assert proto["cost_to_target"]["runs"] == 1 and proto["rounds"] == 2
+        sm = doc["suite_mean"][key]
+        assert len(sm["curve_sd"]) == len(sm["cum_upload_per_client_with_setup"]) == 3
+    te, fa = doc["protocols"]["dirichlet"]["taskedge-paper"], doc["protocols"]["dirichlet"]["fedavg-full"]
+    assert te["setup_upload_bytes_per_client"] > 0 and fa["setup_upload_bytes_per_client"] is None  # statistics query
+    assert fa["best_acc_within_upload"]["0.25MB"] is None  # one full-model upload is > 250 kB
+    assert te["best_acc_within_rounds"]["2"]["mean"] >= doc["suite_mean"]["taskedge-paper"]["acc_mean"]  # best >= last
     assert doc["tasks"][DEFAULT_TASK]["taskedge-lora"]["trainable"] > 0  # an opt-in method, run when named
     for key in ("taskedge-paper", "head-only"):
         cell = doc["tasks"][DEFAULT_TASK][key]
