@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
         return _merge_only(args, tasks, seeds, budget, t0)
     res1 = run_many(stage1(tasks, seeds, args.epochs, budget), args.workers)
     table = summarize(res1, tasks)
-    # the default must work in every mode: "gradient" (no SecAgg+/DP/N:M, a dense upload per node) is not a candidate
+    # this centralised comparison keeps to label-free scores ("gradient", a dense upload per node, is chosen or not
+    # by the federated benchmarks/sweep_selection.py, which counts that upload)
     cands = {tag: d for tag, d in table.items() if d["method"] == "taskedge" and not get_score(d["score"]).needs_gradients}
     winner = max(cands, key=lambda tag: cands[tag]["suite_val_mean"])
     sel = {"score": cands[winner]["score"], "allocation": cands[winner]["allocation"], "budget": budget,
