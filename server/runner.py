@@ -158,7 +158,8 @@ def run_federation(grid: Grid, cfg: AppConfig, run_dir: str | Path | None = "aut
         # the mask phase (also tells each node's budget rank); outside the setup cohort a node gets it when sampled
         delivery.ensure(grid, setup_cohort(connected(done + 1), cfg))
     nested = cfg.method == "taskedge" and (any(r > 0 for r in delivery.ranks.values()) or bool(cfg.budget_ranks)
-                                           or cfg.setup_fraction < 1)  # ranks outside the cohort are not known yet
+                                           or (cfg.setup_fraction < 1 and cfg.dp == "none"))  # ranks outside the
+    # cohort are learnt when those nodes are first sampled; DP runs keep every node on the full mask (privacy.wrap)
     evaluate = cfg.fraction_evaluate > 0 and not privacy.active
     if cfg.fraction_evaluate > 0 and privacy.active:
         log.info("Federated evaluation is off with %s: each node's loss, accuracy and test-split size would reach "

@@ -82,3 +82,12 @@ def test_a_setup_cohort_federation_asks_a_share_and_late_nodes_get_the_mask(weig
     assert summary["rounds"] == 2 and summary["dropped_replies"] == 0 and fed.mask is not None
     held = grid.contexts[next(iter(trained - cohort))].state["mask"]
     assert {a.dtype for k, a in held.items() if k.endswith(".idx")} <= {"uint16", "uint32"}
+
+
+def test_a_dp_run_with_a_setup_cohort_keeps_every_node_on_the_full_mask(weights, tmp_path):
+    """setup-fraction < 1 picks the nested strategy (ranks outside the cohort are learnt later) except with DP,
+    whose wrappers need every node on the full mask: the run goes through and is accounted."""
+    cfg = _cfg(weights, tmp_path, setup_fraction=0.5, fraction_evaluate=0.0, num_server_rounds=1, dp="server",
+               dp_noise_multiplier=0.5, dp_clip_norm=1.0)
+    fed, summary = run_federation(InProcessGrid(client_app, 6, cfg.to_dict()), cfg)
+    assert summary["rounds"] == 1 and summary["dropped_replies"] == 0 and 0 < summary["dp_epsilon"] < float("inf")
