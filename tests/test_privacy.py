@@ -31,7 +31,7 @@ from server.privacy import Privacy, projected_epsilon
 from server.recorder import RoundLog
 from server.runner import run_federation
 from server.secure import SecAggSettings, SecureTraining
-from server.strategy import TaskEdgeFedAvg, make_strategy
+from server.strategy import OnePassFedAvg, TaskEdgeFedAvg, make_strategy
 
 T = 2**22
 
@@ -226,7 +226,7 @@ def test_secure_training_round_equals_the_plain_round_and_the_strategy_sees_only
         seen.extend(r.content["arrays"]["values"].numpy().copy() for r in replies)
         return FedAvg.aggregate_train(self, server_round, replies)
 
-    monkeypatch.setattr(TaskEdgeFedAvg, "aggregate_train", spy_aggregate)
+    monkeypatch.setattr(OnePassFedAvg, "aggregate_train", spy_aggregate)  # the class a run without DP uses
     cfg = _cfg(weights, tmp_path, secure_aggregation=True, clip_norm=50.0)
     grid = InProcessGrid(create_app(mods=(spy_mod,)), 3, cfg.to_dict(),
                          observe=lambda m, r: server_got.append((m.metadata.message_type, r)))
