@@ -39,11 +39,13 @@ class LocalData:
         return self.y_train[: self.calib_size]
 
 
-def _split(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, ...]:
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+def _local(x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int, partition_id: int,
+           calib_size: int) -> LocalData:
+    """A node's examples split into local train / test (seeded per partition); calibration = the first train ones."""
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 7919 + partition_id))
     n_test = int(round(len(x) * test_fraction))
     te, tr = order[:n_test], order[n_test:]
-    return x[tr], y[tr], x[te], y[te]
+    return LocalData(x[tr], y[tr], x[te], y[te], min(calib_size, len(tr)))
 
 
 def _partitioner(kind: str, num_partitions: int, alpha: float, seed: int):
@@ -142,8 +144,7 @@ def load_local_data(task: str, partition_id: int, num_partitions: int, *, partit
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
     x, y = partition_tensors(task, partitioner, num_partitions, float(alpha), seed, partition_id, source)
-    x_tr, y_tr, x_te, y_te = _split(x, y, test_fraction, seed * 7919 + partition_id)
-    return LocalData(x_tr, y_tr, x_te, y_te, min(calib_size, len(x_tr)))
+    return _local(x, y, test_fraction, seed, partition_id, calib_size)
 
 
 def node_data(cfg: AppConfig, node_config: dict) -> LocalData:
@@ -157,12 +158,10 @@ def node_data(cfg: AppConfig, node_config: dict) -> LocalData:
     own = str(node_config.get("data-path", ""))
     if own:
         x, y, names = user_split(cfg, own, "train")
-        x_tr, y_tr, x_te, y_te = _split(x, _to_global(y, names, cfg), cfg.test_fraction, cfg.seed * 7919 + pid)
-        return LocalData(x_tr, y_tr, x_te, y_te, min(cfg.calib_size, len(x_tr)))
+        return _local(x, _to_global(y, names, cfg), cfg.test_fraction, cfg.seed, pid, cfg.calib_size)
     if cfg.partitioner == "generated":  # the node's own examples: no shared split (fleet-scale simulations)
         x, y = node_split(cfg.task, pid, cfg.examples_per_node, cfg.seed)
-        x_tr, y_tr, x_te, y_te = _split(x, y, cfg.test_fraction, cfg.seed * 7919 + pid)
-        return LocalData(x_tr, y_tr, x_te, y_te, min(cfg.calib_size, len(x_tr)))
+        return _local(x, y, cfg.test_fraction, cfg.seed, pid, cfg.calib_size)
     source = (cfg.data_path, cfg.model, cfg.img_size) if cfg.data_path else ()
     data = load_local_data(cfg.task, pid, parts, partitioner=cfg.partitioner, alpha=cfg.alpha, seed=cfg.seed,
                            test_fraction=cfg.test_fraction, calib_size=cfg.calib_size, source=source)

@@ -133,7 +133,7 @@ def decode_array(record: ArrayRecord, key: str, shape: tuple[int, ...] | None, d
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise BadReply(f"'{key}' contains NaN/Inf")
         if bound is not None and (top := max(-lo, hi)) > bound:
-            raise BadReply(f"'{key}' has |value| {top:.3g} > {bound:g}")  # = max |value|, as _bounded words it
+            raise BadReply(f"'{key}' has |value| {top:.3g} > {bound:g}")  # = max |value|
     return arr if not copy or arr.flags.writeable else arr.copy()
 
 
@@ -181,14 +181,6 @@ def check_error(msg: Message, records: tuple[str, ...]) -> None:
         raise BadReply(f"records {sorted(msg.content.keys())}, expected {sorted(records)}")
 
 
-def _bounded(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The arrays, if every float entry has |value| <= MAX_ABS; else BadReply naming the key."""
-    for key, arr in arrays.items():
-        if arr.dtype.kind == "f" and arr.size and (top := max(-float(arr.min()), float(arr.max()))) > MAX_ABS:
-            raise BadReply(f"'{key}' has |value| {top:.3g} > {MAX_ABS:g}")  # = max |value|, without a temporary
-    return arrays
-
-
 def train_reply(msg: Message, specs: Mapping[str, Spec], max_examples: int) -> tuple[dict[str, np.ndarray], int, dict]:
     """(arrays, num-examples, metrics) of a training reply, or BadReply. The arrays are read-only (views of the
     received bytes where possible); `DecodedArray.of` lets later steps reuse them without decoding again."""
@@ -196,7 +188,7 @@ def train_reply(msg: Message, specs: Mapping[str, Spec], max_examples: int) -> t
     metrics = _record(msg, "metrics", MetricRecord)
     n = count(metrics, "num-examples", max_examples)
     m = scalar_metrics(metrics)
-    return decode(_record(msg, "arrays", ArrayRecord), specs, copy=False, bound=MAX_ABS), n, m  # = _bounded(decode())
+    return decode(_record(msg, "arrays", ArrayRecord), specs, copy=False, bound=MAX_ABS), n, m
 
 
 def eval_reply(msg: Message, max_examples: int) -> tuple[int, dict]:
